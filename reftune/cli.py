@@ -1,0 +1,119 @@
+"""The `reftune` command line. Every command takes `--config FILE.yaml` plus `key=value` overrides
+(dots reach nested sections: `data.style=nl`) and writes the resolved config into its run folder.
+
+    reftune demo [--out DIR] [--quick] [key=value ...]
+    reftune build-tiny --out DIR [key=value ...]
+    reftune sft   --config sft.yaml   [key=value ...]
+    reftune train --config reft.yaml  [key=value ...] [--resume RUN_DIR]
+    reftune eval  --config eval.yaml  [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _config(cls, args):
+    from reftune.config import load_config
+
+    return load_config(cls, args.config, args.overrides)
+
+
+def cmd_demo(args) -> dict:
+    from reftune.demo import DemoConfig, run_demo
+
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"out_dir={args.out}")
+    if args.quick:
+        overrides.append("quick=true")
+    from reftune.config import load_config
+
+    return run_demo(load_config(DemoConfig, args.config, overrides))
+
+
+def cmd_build_tiny(args) -> dict:
+    from reftune.tiny import BuildTinyConfig, run_build_tiny
+
+    overrides = list(args.overrides) + ([f"out_dir={args.out}"] if args.out else [])
+    from reftune.config import load_config
+
+    return run_build_tiny(load_config(BuildTinyConfig, args.config, overrides))
+
+
+def cmd_sft(args) -> dict:
+    from reftune.sft import SFTConfig, run_sft
+
+    result = run_sft(_config(SFTConfig, args))
+    return {k: v for k, v in result.items() if k != "history"}
+
+
+def cmd_train(args) -> dict:
+    from pathlib import Path
+
+    from reftune.config import load_config
+    from reftune.ppo import ReFTConfig, run_reft
+
+    if args.resume:
+        # The run folder's own config is the source of truth; overrides may extend it (e.g. steps).
+        cfg = load_config(ReFTConfig, Path(args.resume) / "config.yaml", args.overrides)
+        cfg.out_dir = str(args.resume)
+    else:
+        cfg = _config(ReFTConfig, args)
+    result = run_reft(cfg, resume=bool(args.resume))
+    return {k: v for k, v in result.items() if k != "history"}
+
+
+def cmd_eval(args) -> dict:
+    from reftune.evaluate import EvalConfig, run_eval
+
+    return run_eval(_config(EvalConfig, args))
+
+
+COMMANDS = {
+    "demo": (cmd_demo, "build the tiny model, run warm-up SFT, SFT and ReFT on the built-in task, report"),
+    "build-tiny": (cmd_build_tiny, "build a tiny Llama + tokenizer for a task (saved like a Hub model)"),
+    "sft": (cmd_sft, "supervised fine-tuning on gold CoTs (warm-up and SFT baseline)"),
+    "train": (cmd_train, "ReFT: PPO from a warm-up checkpoint"),
+    "eval": (cmd_eval, "greedy top-1 accuracy of a checkpoint"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reftune", description="ReFT: reasoning with reinforced fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", "-c", default=None, help="YAML config file")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-5 data.style=nl")
+        if name in ("demo", "build-tiny"):
+            p.add_argument("--out", default=None, help="output folder")
+        if name == "demo":
+            p.add_argument("--quick", action="store_true", help="a tiny run for tests (seconds, not minutes)")
+        if name == "train":
+            p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from reftune.config import ConfigError
+    from reftune.modeling import ModelLoadError
+
+    handled = (ConfigError, ModelLoadError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError)
+    try:
+        result = COMMANDS[args.command][0](args)
+    except handled as e:
+        print(f"reftune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"reftune {args.command}: interrupted", file=sys.stderr)
+        return 130
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

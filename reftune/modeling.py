@@ -1,0 +1,134 @@
+"""Loading models and tokenizers (any Hub id or local folder), the value head, and atomic saving.
+
+The policy for PPO is a plain `AutoModelForCausalLM` plus a separate `ValueHead` on its last
+hidden state (composition: the LM stays an ordinary HF model, so a checkpoint's `policy/` folder
+loads with `AutoModelForCausalLM.from_pretrained` and the value head is one extra file).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from reftune.generation import position_ids_from_mask
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer that cannot be loaded; the message names the path or id."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on a GPU that supports it, fp32 otherwise (CPU bf16 is slower for small models)."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; expected auto or one of {sorted(table)}")
+    return table[dtype]
+
+
+def _check_model_path(name_or_path: str) -> None:
+    """A path-looking name that does not exist is a typo, not a Hub id: say so before HF does."""
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1] \
+        or name_or_path.count("/") > 1
+    if not name_or_path:
+        raise ModelLoadError("no model given: set `model` to a Hugging Face id or a local folder")
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        raise ModelLoadError(f"model path not found: {name_or_path}")
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    _check_model_path(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load tokenizer from {name_or_path!r}: {e}") from None
+    if tok.pad_token_id is None:
+        # Many Hub LMs ship without a pad token; EOS is safe because every mask we build is explicit.
+        tok.pad_token = tok.eos_token
+    if tok.eos_token_id is None:
+        raise ModelLoadError(f"tokenizer of {name_or_path!r} has no EOS token; the CoT format needs one")
+    return tok
+
+
+def load_causal_lm(name_or_path: str, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    _check_model_path(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load model from {name_or_path!r}: {e}") from None
+    return model.to(device)
+
+
+class ValueHead(nn.Module):
+    """V(s_t) from the last hidden state: dropout then a linear layer (as in the ReFT release)."""
+
+    def __init__(self, hidden_size: int, dropout: float = 0.1):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.linear.weight)  # start at V=0: the first advantages equal the rewards
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.dropout(hidden)).squeeze(-1).float()
+
+
+def forward_logits_values(model, value_head: ValueHead | None, input_ids, attention_mask, response_start: int):
+    """One forward pass over prompt+response; returns logits and values for the response part.
+
+    Shapes: input_ids (B, P+R); returns logits (B, R, V) where logits[:, t] predicts response
+    token t, and values (B, R) = V(state before response token t), or None without a value head.
+    """
+    out = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+        output_hidden_states=value_head is not None, use_cache=False,
+    )
+    logits = out.logits[:, response_start - 1:-1]
+    values = None
+    if value_head is not None:
+        values = value_head(out.hidden_states[-1][:, response_start - 1:-1])
+    return logits, values
+
+
+def atomic_save(save_fn, final_dir: str | Path) -> Path:
+    """Write a checkpoint into a temporary sibling, then rename it into place.
+
+    A kill while saving leaves at worst a stray `.tmp-*` folder; `final_dir` is either the old
+    complete checkpoint or the new complete one, never a half-written mix.
+    """
+    final_dir = Path(final_dir)
+    tmp = final_dir.with_name(f".tmp-{final_dir.name}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_fn(tmp)
+    old = final_dir.with_name(f".old-{final_dir.name}-{os.getpid()}")
+    if final_dir.exists():
+        final_dir.rename(old)
+    tmp.rename(final_dir)
+    if old.exists():
+        shutil.rmtree(old)
+    return final_dir
+
+
+def save_hf(model, tokenizer, out_dir: Path) -> None:
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,175 @@
+"""The built-in task: seeded grade-school word problems with one gold CoT in each style.
+
+A problem introduces 2-4 people who own some items. One person's count is given; every other
+count is stated relative to someone already known ("3 more than", "twice as many as", ...).
+The question asks for one count, a total or a difference. The number of arithmetic steps is the
+number of relations plus the final operation (if any).
+
+Why it suits ReFT: the sentences are shuffled in a fraction of the problems, totals can be summed
+in any order and independent people can be computed in any order, so many different CoTs reach
+the right answer while the annotation shows exactly one (dependency order, then the final
+step). SFT imitates that one CoT; RL can find and reinforce whatever works.
+
+Splits are disjoint by construction: a problem's text decides its split (a hash), so the same
+question can never sit in two splits, whatever the seed and sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+from reftune.tasks.base import NL_ANSWER_PREFIX, DataConfig, Example, Task
+
+NAMES = [
+    "Tom", "Mary", "Sam", "Lily", "Ben", "Anna", "Jack", "Emma", "Leo", "Mia", "Noah", "Zoe",
+    "Omar", "Ivy", "Ryan", "Nina", "Paul", "Rosa", "Hugo", "Kate", "Luke", "Alice", "Owen", "Ella",
+]
+ITEMS = [
+    "apples", "marbles", "stickers", "books", "pencils", "cookies", "cards", "shells", "coins",
+    "stamps", "balloons", "toys", "candies", "flowers", "rocks", "buttons",
+]
+
+
+@dataclass(frozen=True)
+class Relation:
+    """`person` has a count derived from `source`'s: op is one of + - * /."""
+
+    person: str
+    source: str
+    op: str
+    amount: int
+
+
+def _relation_sentence(r: Relation, item: str) -> str:
+    if r.op == "+":
+        return f"{r.person} has {r.amount} more {item} than {r.source}."
+    if r.op == "-":
+        return f"{r.person} has {r.amount} fewer {item} than {r.source}."
+    if r.op == "*":
+        times = "twice" if r.amount == 2 else f"{r.amount} times"
+        return f"{r.person} has {times} as many {item} as {r.source}."
+    return f"{r.person} has half as many {item} as {r.source}."
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def make_problem(rng: random.Random, n_steps: int, max_number: int) -> tuple[Example, str] | None:
+    """One problem with exactly `n_steps` operations: (example with the program CoT, the N-CoT),
+    or None if the draw failed."""
+    item = rng.choice(ITEMS)
+    kind = rng.choice(["single", "total", "difference"])
+    n_relations = n_steps if kind == "single" else n_steps - 1
+    if n_relations < 1:
+        return None
+    people = rng.sample(NAMES, n_relations + 1)
+    counts = {people[0]: rng.randint(2, max_number)}
+    relations: list[Relation] = []
+    for person in people[1:]:
+        source = rng.choice(list(counts))
+        base = counts[source]
+        op = rng.choice("+-*/")
+        if op == "/" and base % 2:
+            op = "+"
+        if op == "-" and base < 3:
+            op = "+"
+        if op == "*" and base * 2 > 5 * max_number:
+            op = "+"
+        amount = {"+": rng.randint(1, max_number), "-": rng.randint(1, base - 1) if base > 1 else 1,
+                  "*": rng.randint(2, 3), "/": 2}[op]
+        counts[person] = {"+": base + amount, "-": base - amount, "*": base * amount, "/": base // 2}[op]
+        relations.append(Relation(person, source, op, amount))
+
+    # Question and final step.
+    if kind == "single":
+        target = people[-1]
+        question_line = f"How many {item} does {target} have?"
+        answer = counts[target]
+        final_expr = None
+    elif kind == "total":
+        question_line = f"How many {item} do they have in total?"
+        answer = sum(counts.values())
+        final_expr = " + ".join(p.lower() for p in people)
+    else:
+        a, b = rng.sample(people, 2)
+        if counts[a] == counts[b]:
+            return None
+        if counts[a] < counts[b]:
+            a, b = b, a
+        question_line = f"How many more {item} does {a} have than {b}?"
+        answer = counts[a] - counts[b]
+        final_expr = f"{a.lower()} - {b.lower()}"
+
+    facts = [f"{people[0]} has {counts[people[0]]} {item}."] + [_relation_sentence(r, item) for r in relations]
+    # Shuffled facts keep the problem solvable but break "compute in reading order".
+    if rng.random() < 0.5:
+        rng.shuffle(facts)
+    question = " ".join(facts + [question_line])
+
+    # Gold program: dependency order (the order the generator built it), then the final step.
+    lines = ["def solution():", f"    {people[0].lower()} = {counts[people[0]]}"]
+    for r in relations:
+        lines.append(f"    {r.person.lower()} = {r.source.lower()} {r.op} {r.amount}")
+    result_expr = final_expr if final_expr else people[-1].lower()
+    lines += [f"    result = {result_expr}", "    return result"]
+    program = "\n".join(lines)
+
+    # Gold natural-language CoT: the same steps with the arithmetic written out.
+    steps = [f"{people[0]} has {counts[people[0]]} {item}."]
+    for r in relations:
+        steps.append(f"{r.person} has {_fmt(counts[r.source])} {r.op} {r.amount} = {_fmt(counts[r.person])} {item}.")
+    if kind == "total":
+        steps.append(f"In total they have {' + '.join(_fmt(counts[p]) for p in people)} = {_fmt(answer)} {item}.")
+    elif kind == "difference":
+        steps.append(f"{a} has {_fmt(counts[a])} - {_fmt(counts[b])} = {_fmt(answer)} more {item} than {b}.")
+    nl = "\n".join(steps) + f"\n{NL_ANSWER_PREFIX} {_fmt(answer)}"
+    return Example(id="", question=question, answer=_fmt(answer), cot=program, options=None), nl
+
+
+def _split_of(question: str) -> str:
+    """Hash-based split: ~80% train, 10% validation, 10% test, fixed by the text alone."""
+    bucket = int(hashlib.sha256(question.encode()).hexdigest()[:8], 16) % 10
+    return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
+
+
+def generate_examples(cfg: DataConfig, style: str) -> dict[str, list[Example]]:
+    """Draw problems until each split is full. Deterministic in (cfg.seed, sizes, difficulty)."""
+    if not 1 <= cfg.min_steps <= cfg.max_steps:
+        raise ValueError(f"data.min_steps/max_steps must satisfy 1 <= min <= max, got {cfg.min_steps}/{cfg.max_steps}")
+    if cfg.max_number < 4:
+        raise ValueError(f"data.max_number must be at least 4, got {cfg.max_number}")
+    want = {"train": cfg.n_train, "validation": cfg.validation_size, "test": cfg.n_test}
+    out: dict[str, list[Example]] = {k: [] for k in want}
+    seen: set[str] = set()
+    rng = random.Random(cfg.seed)
+    attempts = 0
+    while any(len(out[k]) < n for k, n in want.items()):
+        attempts += 1
+        if attempts > 50 * sum(want.values()) + 10_000:
+            raise ValueError("data: could not draw enough distinct problems; raise max_number or max_steps")
+        drawn = make_problem(rng, rng.randint(cfg.min_steps, cfg.max_steps), cfg.max_number)
+        if drawn is None:
+            continue
+        ex, nl = drawn
+        if ex.question in seen:
+            continue
+        seen.add(ex.question)
+        split = _split_of(ex.question)
+        if len(out[split]) >= want[split]:
+            continue
+        cot = ex.cot if style == "program" else nl
+        out[split].append(Example(f"arith-{split}-{len(out[split])}", ex.question, ex.answer, cot))
+    return out
+
+
+def load_arithmetic_task(cfg: DataConfig) -> Task:
+    splits = generate_examples(cfg, cfg.style)
+    test = splits["test"][: cfg.max_test or None]
+    validation = splits["validation"][: cfg.max_test or None]
+    return Task(
+        name="arithmetic", style=cfg.style, answer_type="number",
+        train=splits["train"][: cfg.max_train or None], validation=validation, test=test,
+    )

@@ -1,0 +1,152 @@
+"""What every task is made of: examples, the paper's prompt format, and grading.
+
+A `Task` owns its splits, how a question becomes a prompt, what the gold target is, and how a
+model's completion is graded. Trainers never look inside a dataset; they call these methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PROMPT_TEMPLATE = "Question:\n{question}\nAnswer reasoning:\n"
+NL_ANSWER_PREFIX = "Therefore, the answer is:"
+STYLES = ("nl", "program")
+ANSWER_TYPES = ("number", "choice")
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    question: str
+    answer: str
+    """Gold final answer as text: a number ("29", "2.5") or an option letter ("c")."""
+    cot: str | None = None
+    """Gold chain of thought in the task's style, without EOS; None for test sets without CoT."""
+    options: dict[str, str] | None = None
+    """Multiple choice only: option letter -> option text ("a" -> "38")."""
+
+
+@dataclass(frozen=True)
+class Graded:
+    answer: str | None
+    """The extracted (normalised) answer, or None when nothing usable was extracted."""
+    correct: bool
+    reason: str = ""
+    """Why `answer` is None (e.g. 'timeout', 'no answer line'); empty otherwise."""
+
+
+@dataclass
+class DataConfig:
+    """Which task to train and evaluate on. The built-in task needs no files."""
+
+    name: str = "arithmetic"
+    """arithmetic (built-in generator) | gsm8k | svamp | mathqa | mathqa_numeric | json | hf"""
+    style: str = "program"
+    """Chain-of-thought style: nl (natural language) or program (Python `def solution()`)."""
+    train_path: str = ""
+    """File with training examples (question, gold CoT, answer); dataset default when empty."""
+    test_path: str = ""
+    """File with test examples (question, answer); dataset default when empty."""
+    data_dir: str = "../shared/data"
+    """Folder that holds the dataset files named by the dataset presets."""
+    validation_size: int = 200
+    """Examples held out from the training file for checkpoint selection (never the test set)."""
+    max_train: int = 0
+    """Use at most this many training examples (0 = all); for quick runs."""
+    max_test: int = 0
+    """Evaluate on at most this many test (and validation) examples (0 = all)."""
+    seed: int = 0
+    """Seed for the built-in generator and for the validation split."""
+    # built-in task only
+    n_train: int = 2000
+    """Built-in task: number of training problems."""
+    n_test: int = 400
+    """Built-in task: number of test problems."""
+    min_steps: int = 2
+    """Built-in task: fewest arithmetic steps in a problem."""
+    max_steps: int = 4
+    """Built-in task: most arithmetic steps in a problem."""
+    max_number: int = 20
+    """Built-in task: largest number given in a question."""
+    # generic json / jsonl / Hugging Face datasets
+    question_field: str = "question"
+    """json/hf: field holding the question."""
+    cot_field: str = "answer_cot"
+    """json/hf: field holding the gold chain of thought (may be absent in test files)."""
+    answer_field: str = "answer_value"
+    """json/hf: field holding the gold final answer."""
+    id_field: str = "item_id"
+    """json/hf: field holding a row id (row number when missing)."""
+    answer_type: str = "number"
+    """json/hf: number or choice."""
+    hf_id: str = ""
+    """hf: a Hugging Face datasets id (needs the network or a local cache)."""
+    hf_config: str = ""
+    """hf: the dataset's config name, if any."""
+    hf_train_split: str = "train"
+    """hf: split used for training."""
+    hf_test_split: str = "test"
+    """hf: split used for testing."""
+    skip_bad_rows: bool = False
+    """Skip malformed rows (counted in the log) instead of stopping with an error."""
+    test_only: bool = False
+    """Load only the test set (train and validation empty): evaluation without a training file."""
+    choice_guard: bool = True
+    """Multiple choice + program CoT: credit only when the computed value matches the picked option."""
+    program_header_in_prompt: bool = False
+    """Program CoT: put `def solution():` and the question docstring in the sampling prompt (release)."""
+
+
+@dataclass
+class Task:
+    """A dataset in a fixed CoT style, with its prompt format and its grader."""
+
+    name: str
+    style: str
+    answer_type: str
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+    choice_guard: bool = True
+    program_header_in_prompt: bool = False
+    stats: dict = field(default_factory=dict)
+    """Loading statistics, e.g. {"skipped_rows": 3}."""
+
+    def __post_init__(self):
+        if self.style not in STYLES:
+            raise ValueError(f"task {self.name}: style must be one of {STYLES}, got {self.style!r}")
+        if self.answer_type not in ANSWER_TYPES:
+            raise ValueError(f"task {self.name}: answer_type must be one of {ANSWER_TYPES}")
+
+    def prompt(self, ex: Example, for_generation: bool = False) -> str:
+        """The model's input. With program CoTs the release starts sampling prompts with the
+        function header and the question as docstring; SFT learns that header as output."""
+        text = PROMPT_TEMPLATE.format(question=ex.question)
+        if for_generation and self.style == "program" and self.program_header_in_prompt:
+            text += program_header(ex.question)
+        return text
+
+    def target(self, ex: Example) -> str:
+        """The gold CoT the model learns in SFT (without EOS)."""
+        if ex.cot is None:
+            raise ValueError(f"task {self.name}: example {ex.id} has no gold chain of thought")
+        return ex.cot
+
+    def completion_text(self, ex: Example, generated: str) -> str:
+        """The full CoT a generation stands for: header from the prompt + generated text."""
+        if self.style == "program" and self.program_header_in_prompt:
+            return program_header(ex.question) + generated
+        return generated
+
+    def grade(self, completions: list[str], examples: list[Example]) -> list[Graded]:
+        """Grade generated CoTs (as returned by the model for `prompt(ex, for_generation=True)`)."""
+        from reftune import grading  # imported here: grading pulls in the sandbox
+
+        cots = [self.completion_text(ex, c) for ex, c in zip(examples, completions)]
+        return grading.grade_batch(
+            cots, examples, style=self.style, answer_type=self.answer_type, choice_guard=self.choice_guard
+        )
+
+
+def program_header(question: str) -> str:
+    return f'def solution():\n    """{question}"""\n'
