@@ -278,7 +278,8 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task=None) -> dict:
             if summary["accuracy"] > best_acc:
                 best_acc = summary["accuracy"]
                 save_best(run_dir, model, tokenizer, value_head, {"step": done, f"{cfg.eval_split}_accuracy": best_acc})
-        history.append({"step": done, **{k: v for k, v in metrics.items() if k != "reft/seconds"}})
+        # History travels inside checkpoints for resume; timings differ run to run, so they stay out.
+        history.append({"step": done, **{k: v for k, v in metrics.items() if "seconds" not in k}})
         logger.log(done, metrics)
         bar.update(1)
         bar.set_postfix(score=f"{metrics['reft/score']:.3f}", kl=f"{mean_kl:.3f}")
