@@ -6,6 +6,10 @@
     reftune sft   --config sft.yaml   [key=value ...]
     reftune train --config reft.yaml  [key=value ...] [--resume RUN_DIR]
     reftune eval  --config eval.yaml  [key=value ...]
+    reftune sample     model=CKPT split=test k=16 [key=value ...]     (rerun to resume)
+    reftune offline-st base_model=BASE warmup_model=CKPT [key=value ...]
+    reftune online-st  model=CKPT [key=value ...] [--resume RUN_DIR]
+    reftune compare    sft=CKPT reft=CKPT [warmup=... offline_st=... online_st=...] k=16 [key=value ...]
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ def cmd_train(args) -> dict:
     from reftune.ppo import ReFTConfig, run_reft
 
     if args.resume:
+        if args.config:
+            raise ValueError("--resume continues a run with the config saved in its folder; drop -c/--config "
+                             "(key=value overrides still apply)")
         # The run folder's own config is the source of truth; overrides may extend it (e.g. steps).
         cfg = load_config(ReFTConfig, Path(args.resume) / "config.yaml", args.overrides)
         cfg.out_dir = str(args.resume)
@@ -72,12 +79,54 @@ def cmd_eval(args) -> dict:
     return run_eval(_config(EvalConfig, args))
 
 
+def cmd_sample(args) -> dict:
+    from reftune.sample import SampleConfig, run_sample
+
+    return run_sample(_config(SampleConfig, args))
+
+
+def cmd_offline_st(args) -> dict:
+    from reftune.offline_st import OfflineSTConfig, run_offline_st
+
+    result = run_offline_st(_config(OfflineSTConfig, args))
+    return {k: v for k, v in result.items() if k != "history"}
+
+
+def cmd_online_st(args) -> dict:
+    from pathlib import Path
+
+    from reftune.config import load_config
+    from reftune.online_st import OnlineSTConfig, run_online_st
+
+    if args.resume:
+        cfg = load_config(OnlineSTConfig, Path(args.resume) / "config.yaml", args.overrides)
+        cfg.out_dir = str(args.resume)
+    else:
+        cfg = _config(OnlineSTConfig, args)
+    result = run_online_st(cfg, resume=bool(args.resume))
+    return {k: v for k, v in result.items() if k != "history"}
+
+
+def cmd_compare(args) -> dict:
+    from reftune.compare import CompareConfig, run_compare
+
+    comparison = run_compare(_config(CompareConfig, args))
+    drop = ("vote_curve", "rerank_curve")
+    return {**comparison, "methods": {m: {k: v for k, v in r.items() if k not in drop}
+                                      for m, r in comparison["methods"].items()},
+            "reward_model": {k: v for k, v in comparison["reward_model"].items() if k != "history"}}
+
+
 COMMANDS = {
     "demo": (cmd_demo, "build the tiny model, run warm-up SFT, SFT and ReFT on the built-in task, report"),
     "build-tiny": (cmd_build_tiny, "build a tiny Llama + tokenizer for a task (saved like a Hub model)"),
     "sft": (cmd_sft, "supervised fine-tuning on gold CoTs (warm-up and SFT baseline)"),
     "train": (cmd_train, "ReFT: PPO from a warm-up checkpoint"),
     "eval": (cmd_eval, "greedy top-1 accuracy of a checkpoint"),
+    "sample": (cmd_sample, "k graded samples per question of a split, as resumable JSONL"),
+    "offline-st": (cmd_offline_st, "Offline self-training: SFT from the base model on gold + own correct samples"),
+    "online-st": (cmd_online_st, "Online self-training: ReFT's loop with a cross-entropy update"),
+    "compare": (cmd_compare, "top-1, voting@k and reranking@k of each method, as Markdown + HTML report"),
 }
 
 
@@ -92,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default=None, help="output folder")
         if name == "demo":
             p.add_argument("--quick", action="store_true", help="a tiny run for tests (seconds, not minutes)")
-        if name == "train":
+        if name in ("train", "online-st"):
             p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint")
     return parser
 

@@ -44,6 +44,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             return None
         raise ConfigError(f"{where}: expected null, got {value!r}")
     if dataclasses.is_dataclass(typ):
+        if value is None:  # an empty YAML section means "all defaults"
+            value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {typ.__name__} fields, got {value!r}")
         return from_dict(typ, value, where)
@@ -126,7 +128,12 @@ def apply_override(values: dict, override: str, cls) -> None:
             node_cls = types[part]
             if not dataclasses.is_dataclass(node_cls):
                 raise ConfigError(f"override {override!r}: {part!r} has no sub-keys")
-            node = node.setdefault(part, {})
+            child = node.get(part)
+            if child is None:  # a missing or empty section (`data:` with nothing under it)
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {override!r}: {part!r} is set to {child!r}, not a section of keys")
+            node = child
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:

@@ -108,11 +108,17 @@ class ReFTConfig:
     """Show a progress bar."""
 
 
-def policy_forward(model, value_head, input_ids, attention_mask, response_ids, response_start):
-    """Log-probs (B, R) of the response tokens, values (B, R) or None, and the logits (B, R, V)."""
+def policy_forward(model, value_head, input_ids, attention_mask, response_ids, response_start, temperature=1.0):
+    """Log-probs (B, R) of the response tokens, values (B, R) or None, and the logits (B, R, V).
+
+    Logits are divided by the sampling temperature, so the log-probs are those of the
+    distribution the rollouts were drawn from (the PPO ratio is then on-policy at any temperature).
+    """
     from reftune.modeling import forward_logits_values
 
     logits, values = forward_logits_values(model, value_head, input_ids, attention_mask, response_start)
+    if temperature != 1.0:
+        logits = logits / temperature
     return A.logprobs_from_logits(logits, response_ids), values, logits
 
 
@@ -132,6 +138,15 @@ def compute_advantages(cfg: ReFTConfig, scores, old_logprobs, ref_logprobs, old_
 
 
 def validate(cfg: ReFTConfig) -> None:
+    """Refuse a bad config before any model is loaded or any folder written."""
+    if cfg.steps < 1:
+        raise ValueError(f"steps must be at least 1, got {cfg.steps}")
+    if cfg.kl_estimator not in ("k1", "k3"):
+        raise ValueError(f"kl_estimator must be k1 or k3, got {cfg.kl_estimator!r}")
+    if cfg.engine not in ("cached", "hf"):
+        raise ValueError(f"engine must be cached or hf, got {cfg.engine!r}")
+    if cfg.temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {cfg.temperature}")
     if cfg.advantage not in ("gae", "grpo", "rloo"):
         raise ValueError(f"advantage must be gae, grpo or rloo, got {cfg.advantage!r}")
     if cfg.advantage != "gae" and cfg.samples_per_prompt < 2:
@@ -171,7 +186,7 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task=None) -> dict:
     ref_model = load_causal_lm(cfg.ref_model or cfg.model, device, dtype).eval().requires_grad_(False)
     value_head = None
     if cfg.advantage == "gae":
-        value_head = ValueHead(model.config.hidden_size, cfg.value_dropout).to(device)
+        value_head = ValueHead(model.config.hidden_size, cfg.value_dropout).to(device, dtype)  # dtype: bf16 hidden states
     params = list(model.parameters()) + (list(value_head.parameters()) if value_head is not None else [])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = make_generator(cfg.engine, model, tokenizer, cfg.gen_batch_size, seed=cfg.seed)
@@ -211,8 +226,9 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task=None) -> dict:
             model.eval()
             if value_head is not None:
                 value_head.eval()
-            old_logprobs, old_values, _ = policy_forward(model, value_head, input_ids, attention_mask, ro.response_ids, P)
-            ref_logprobs, _, _ = policy_forward(ref_model, None, input_ids, attention_mask, ro.response_ids, P)
+            old_logprobs, old_values, _ = policy_forward(model, value_head, input_ids, attention_mask, ro.response_ids, P,
+                                                         cfg.temperature)
+            ref_logprobs, _, _ = policy_forward(ref_model, None, input_ids, attention_mask, ro.response_ids, P, cfg.temperature)
             kl = A.kl_penalty(old_logprobs, ref_logprobs, cfg.kl_estimator)
             mean_kl = float(A.masked_sum(kl, response_mask) / max(len(questions) * cfg.samples_per_prompt, 1))
             if not math.isfinite(mean_kl):
@@ -233,7 +249,7 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task=None) -> dict:
             for idx in torch.randperm(B).split(cfg.mini_batch_size):
                 mb_mask = response_mask[idx]
                 logprobs, values, logits = policy_forward(model, value_head, input_ids[idx], attention_mask[idx],
-                                                          ro.response_ids[idx], P)
+                                                          ro.response_ids[idx], P, cfg.temperature)
                 pg_loss, pg_stats = A.ppo_policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.clip)
                 loss = pg_loss
                 if value_head is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,19 +180,21 @@ def run_sft(cfg: SFTConfig, task: Task | None = None, train_examples: list[Examp
                 loss, _ = sft_loss(model, batch)
                 (loss / max(n_tokens, 1)).backward()
                 loss_sum += loss.item()
+            if not math.isfinite(loss_sum):
+                raise FloatingPointError(f"sft: loss is {loss_sum} at step {step + 1}; lower lr or check the data "
+                                         f"(checkpoints saved so far are intact)")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            lr_used = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             epoch_loss, epoch_tokens = epoch_loss + loss_sum, epoch_tokens + n_tokens
-            if not math.isfinite(loss_sum):
-                raise FloatingPointError(f"sft: loss is {loss_sum} at step {step}; lower lr or check the data")
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / max(n_tokens, 1):.3f}", epoch=epoch)
             if step % cfg.log_every == 0 or step == total_steps:
                 logger.log(step, {"train/loss": loss_sum / max(n_tokens, 1), "train/grad_norm": float(grad_norm),
-                                  "train/lr": scheduler.get_last_lr()[0], "train/epoch": epoch})
+                                  "train/lr": lr_used, "train/epoch": epoch})
 
         # 5. End of epoch: evaluate, checkpoint, remember the best epoch.
         record = {"epoch": epoch, "train_loss": epoch_loss / max(epoch_tokens, 1), "elapsed": round(time.time() - start, 1)}
@@ -205,7 +208,8 @@ def run_sft(cfg: SFTConfig, task: Task | None = None, train_examples: list[Examp
             checkpoints[epoch] = str(path)
         history.append(record)
         logger.log(step, {f"epoch/{k}": v for k, v in record.items()})
-        bar.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        bar.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
+                  file=sys.stderr)
     bar.close()
     logger.close()
 

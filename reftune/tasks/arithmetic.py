@@ -78,7 +78,7 @@ def make_problem(rng: random.Random, n_steps: int, max_number: int) -> tuple[Exa
             op = "+"
         if op == "*" and base * 2 > 5 * max_number:
             op = "+"
-        amount = {"+": rng.randint(1, max_number), "-": rng.randint(1, base - 1) if base > 1 else 1,
+        amount = {"+": rng.randint(1, max_number), "-": rng.randint(1, min(base - 1, max_number)),
                   "*": rng.randint(2, 3), "/": 2}[op]
         counts[person] = {"+": base + amount, "-": base - amount, "*": base * amount, "/": base // 2}[op]
         relations.append(Relation(person, source, op, amount))
