@@ -22,6 +22,14 @@ _API = {
     "TinyModelConfig": "reftune.tiny", "build_tiny_model": "reftune.tiny",
     "BuildTinyConfig": "reftune.tiny", "run_build_tiny": "reftune.tiny",
     "load_config": "reftune.config",
+    "SampleConfig": "reftune.sample", "run_sample": "reftune.sample", "sample_split": "reftune.sample",
+    "vote": "reftune.voting", "voting_accuracy": "reftune.voting", "voting_curve": "reftune.voting",
+    "OfflineSTConfig": "reftune.offline_st", "run_offline_st": "reftune.offline_st",
+    "build_offline_st_examples": "reftune.offline_st",
+    "OnlineSTConfig": "reftune.online_st", "run_online_st": "reftune.online_st",
+    "RewardModelConfig": "reftune.reward_model", "train_reward_model": "reftune.reward_model",
+    "score_candidates": "reftune.reward_model", "rerank_accuracy": "reftune.reward_model",
+    "CompareConfig": "reftune.compare", "run_compare": "reftune.compare",
 }
 
 

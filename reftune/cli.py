@@ -118,7 +118,7 @@ def cmd_compare(args) -> dict:
 
 
 COMMANDS = {
-    "demo": (cmd_demo, "build the tiny model, run warm-up SFT, SFT and ReFT on the built-in task, report"),
+    "demo": (cmd_demo, "every method end to end on the built-in task with a tiny model: SFT, ReFT, Offline/Online-ST, compare"),
     "build-tiny": (cmd_build_tiny, "build a tiny Llama + tokenizer for a task (saved like a Hub model)"),
     "sft": (cmd_sft, "supervised fine-tuning on gold CoTs (warm-up and SFT baseline)"),
     "train": (cmd_train, "ReFT: PPO from a warm-up checkpoint"),

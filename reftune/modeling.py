@@ -50,6 +50,13 @@ def _check_model_path(name_or_path: str) -> None:
         raise ModelLoadError(f"model path not found: {name_or_path}")
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' per-load/per-save progress bars: our own bars and logs say what runs."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
@@ -69,6 +76,7 @@ def load_tokenizer(name_or_path: str):
 def load_causal_lm(name_or_path: str, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     _check_model_path(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)

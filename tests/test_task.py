@@ -267,3 +267,29 @@ def test_make_problem_with_a_fixed_rng_is_reproducible():
     a = make_problem(random.Random(7), 3, 20)
     b = make_problem(random.Random(7), 3, 20)
     assert a == b
+
+
+def test_random_gold_order_shows_one_of_several_valid_orders():
+    """gold_order=random: the annotated program is one valid dependency order among several, so
+    across problems the same structure is annotated in different orders (ReFT's premise), and
+    every annotation still computes the gold answer."""
+    from reftune.sandbox import run_programs
+    from reftune.tasks import DataConfig
+    from reftune.tasks.arithmetic import generate_examples
+
+    cfg = DataConfig(n_train=300, n_test=10, validation_size=10, min_steps=3, max_steps=4, seed=5)
+    examples = generate_examples(cfg, "program")["train"]
+    results = run_programs([ex.cot for ex in examples])
+    assert all(abs(float(r.value) - float(ex.answer)) < 1e-6 for r, ex in zip(results, examples))
+    # A total's terms appear in an order other than the definition order in some gold programs.
+    def defined(ex):
+        return [line.split(" = ")[0].strip() for line in ex.cot.splitlines()[1:-2]]
+
+    totals = [ex for ex in examples if " + " in ex.cot.splitlines()[-2] and "in total" in ex.question]
+    reordered = [ex for ex in totals
+                 if ex.cot.splitlines()[-2].split(" = ")[1].split(" + ") != defined(ex)]
+    assert totals and 0.2 < len(reordered) / len(totals) < 1.0
+    # gold_order=built: a total always lists people in the order the program defined them.
+    built = generate_examples(DataConfig(**{**cfg.__dict__, "gold_order": "built"}), "program")["train"]
+    built_totals = [ex for ex in built if "in total" in ex.question]
+    assert built_totals and all(ex.cot.splitlines()[-2].split(" = ")[1].split(" + ") == defined(ex) for ex in built_totals)

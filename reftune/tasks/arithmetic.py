@@ -57,7 +57,19 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
-def make_problem(rng: random.Random, n_steps: int, max_number: int) -> tuple[Example, str] | None:
+def random_topological_order(rng: random.Random, first: str, relations: list[Relation]) -> list[Relation]:
+    """A random order of `relations` in which every person comes after the person they depend on."""
+    known, pending, order = {first}, list(relations), []
+    while pending:
+        ready = [r for r in pending if r.source in known]
+        pick = rng.choice(ready)
+        order.append(pick)
+        known.add(pick.person)
+        pending.remove(pick)
+    return order
+
+
+def make_problem(rng: random.Random, n_steps: int, max_number: int, gold_order: str = "random") -> tuple[Example, str] | None:
     """One problem with exactly `n_steps` operations: (example with the program CoT, the N-CoT),
     or None if the draw failed."""
     item = rng.choice(ITEMS)
@@ -78,7 +90,7 @@ def make_problem(rng: random.Random, n_steps: int, max_number: int) -> tuple[Exa
             op = "+"
         if op == "*" and base * 2 > 5 * max_number:
             op = "+"
-        amount = {"+": rng.randint(1, max_number), "-": rng.randint(1, min(base - 1, max_number)),
+        amount = {"+": rng.randint(1, max_number), "-": rng.randint(1, max(1, min(base - 1, max_number))),
                   "*": rng.randint(2, 3), "/": 2}[op]
         counts[person] = {"+": base + amount, "-": base - amount, "*": base * amount, "/": base // 2}[op]
         relations.append(Relation(person, source, op, amount))
@@ -92,7 +104,7 @@ def make_problem(rng: random.Random, n_steps: int, max_number: int) -> tuple[Exa
     elif kind == "total":
         question_line = f"How many {item} do they have in total?"
         answer = sum(counts.values())
-        final_expr = " + ".join(p.lower() for p in people)
+        final_expr = ""  # written below, in the gold CoT's order
     else:
         a, b = rng.sample(people, 2)
         if counts[a] == counts[b]:
@@ -101,7 +113,6 @@ def make_problem(rng: random.Random, n_steps: int, max_number: int) -> tuple[Exa
             a, b = b, a
         question_line = f"How many more {item} does {a} have than {b}?"
         answer = counts[a] - counts[b]
-        final_expr = f"{a.lower()} - {b.lower()}"
 
     facts = [f"{people[0]} has {counts[people[0]]} {item}."] + [_relation_sentence(r, item) for r in relations]
     # Shuffled facts keep the problem solvable but break "compute in reading order".
@@ -109,7 +120,21 @@ def make_problem(rng: random.Random, n_steps: int, max_number: int) -> tuple[Exa
         rng.shuffle(facts)
     question = " ".join(facts + [question_line])
 
-    # Gold program: dependency order (the order the generator built it), then the final step.
+    # The one gold CoT: people in a dependency order, then the final step. With gold_order="random"
+    # that order (and the order of a total's terms) is drawn at random among the valid ones, so
+    # the annotation is one of many equally right CoTs, as in real data; "built" keeps the order
+    # in which the generator introduced the people.
+    if gold_order == "random":
+        relations = random_topological_order(rng, people[0], relations)
+    elif gold_order != "built":
+        raise ValueError(f"data.gold_order must be random or built, got {gold_order!r}")
+    summands = [people[0]] + [r.person for r in relations]
+    if gold_order == "random":
+        rng.shuffle(summands)
+    if kind == "total":
+        final_expr = " + ".join(p.lower() for p in summands)
+    elif kind == "difference":
+        final_expr = f"{a.lower()} - {b.lower()}"
     lines = ["def solution():", f"    {people[0].lower()} = {counts[people[0]]}"]
     for r in relations:
         lines.append(f"    {r.person.lower()} = {r.source.lower()} {r.op} {r.amount}")
@@ -122,7 +147,7 @@ def make_problem(rng: random.Random, n_steps: int, max_number: int) -> tuple[Exa
     for r in relations:
         steps.append(f"{r.person} has {_fmt(counts[r.source])} {r.op} {r.amount} = {_fmt(counts[r.person])} {item}.")
     if kind == "total":
-        steps.append(f"In total they have {' + '.join(_fmt(counts[p]) for p in people)} = {_fmt(answer)} {item}.")
+        steps.append(f"In total they have {' + '.join(_fmt(counts[p]) for p in summands)} = {_fmt(answer)} {item}.")
     elif kind == "difference":
         steps.append(f"{a} has {_fmt(counts[a])} - {_fmt(counts[b])} = {_fmt(answer)} more {item} than {b}.")
     nl = "\n".join(steps) + f"\n{NL_ANSWER_PREFIX} {_fmt(answer)}"
@@ -150,7 +175,7 @@ def generate_examples(cfg: DataConfig, style: str) -> dict[str, list[Example]]:
         attempts += 1
         if attempts > 50 * sum(want.values()) + 10_000:
             raise ValueError("data: could not draw enough distinct problems; raise max_number or max_steps")
-        drawn = make_problem(rng, rng.randint(cfg.min_steps, cfg.max_steps), cfg.max_number)
+        drawn = make_problem(rng, rng.randint(cfg.min_steps, cfg.max_steps), cfg.max_number, cfg.gold_order)
         if drawn is None:
             continue
         ex, nl = drawn

@@ -68,6 +68,8 @@ class DataConfig:
     """Built-in task: most arithmetic steps in a problem."""
     max_number: int = 20
     """Built-in task: largest number given in a question."""
+    gold_order: str = "random"
+    """Built-in task: order of steps in the gold CoT: random (one of the valid orders) | built."""
     # generic json / jsonl / Hugging Face datasets
     question_field: str = "question"
     """json/hf: field holding the question."""

@@ -1,0 +1,270 @@
+"""`reftune compare`: the paper's tables on your own checkpoints and data.
+
+For each method with a checkpoint (warm-up, SFT, Offline-ST, Online-ST, ReFT; missing ones are
+skipped) on one split:
+- greedy top-1 accuracy (Table 1),
+- k samples per question, majority voting@k and reward-model reranking@k (Table 2), and both
+  against k' = 1, 2, 4, ..., k (the first k' of the same samples),
+then `compare.json`, `compare.md` and a self-contained `compare.html` (plots embedded), with the
+paper's numbers beside ours where the dataset and CoT style match.
+
+Every sampling stage appends to a JSONL file under `out_dir/samples/`, so a rerun into the same
+folder resumes instead of starting over; a trained reward model in `out_dir/rm/` is reused.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reftune.reward_model import RewardModelConfig
+from reftune.tasks import DataConfig, Task
+
+METHODS = ("warmup", "sft", "offline_st", "online_st", "reft")
+METHOD_NAMES = {"warmup": "Warm-up", "sft": "SFT", "offline_st": "Offline-ST", "online_st": "Online-ST", "reft": "ReFT"}
+
+# The paper's numbers (percent; top-1 / voting@100 / reranking@100), from ../shared/docs/reft-paper-notes.md.
+# None: not quoted there. The last three rows are SFT -> ReFT pairs whose backbone the notes do not record.
+PAPER_RESULTS = [
+    {"dataset": "gsm8k", "style": "program", "model": "CodeLlama-7B", "warmup": [63.00, None, None],
+     "sft": [63.68, 68.0, 77.0], "reft": [75.28, 78.0, 81.2]},
+    {"dataset": "gsm8k", "style": "program", "model": "Galactica-6.7B", "warmup": [48.37, None, None],
+     "sft": [58.83, 62.9, 73.4], "reft": [68.91, 71.9, 76.4]},
+    {"dataset": "gsm8k", "style": "nl", "model": "(not recorded)", "sft": [43.59, None, None],
+     "reft": [53.30, None, None]},
+    {"dataset": "svamp", "style": "program", "model": "(not recorded)", "sft": [75.40, None, None],
+     "reft": [79.19, None, None]},
+    {"dataset": "mathqa", "style": "nl", "model": "(not recorded)", "sft": [56.01, None, None],
+     "reft": [60.13, None, None]},
+]
+DATASET_OF = {"gsm8k": "gsm8k", "gsm8k_reft": "gsm8k", "svamp": "svamp", "mathqa": "mathqa"}
+
+
+def paper_reference(data_name: str, style: str) -> list[dict]:
+    """The paper's rows for this dataset and CoT style (empty when the paper has none)."""
+    dataset = DATASET_OF.get(data_name)
+    return [row for row in PAPER_RESULTS if row["dataset"] == dataset and row["style"] == style]
+
+
+@dataclass
+class CompareConfig:
+    """`reftune compare`: top-1, voting@k and reranking@k of each method's checkpoint, with a report."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Task: `split` is evaluated; the training split feeds the reward model."""
+    out_dir: str = "runs/compare"
+    """Run folder: compare.{json,md,html}, plots, samples/, eval/, rm/."""
+    warmup: str = ""
+    """Warm-up checkpoint (empty: skipped); also the model the reward model's training samples come from."""
+    sft: str = ""
+    """SFT baseline checkpoint (empty: skipped); also the reward model's initialisation."""
+    offline_st: str = ""
+    """Offline self-training checkpoint (empty: skipped)."""
+    online_st: str = ""
+    """Online self-training checkpoint (empty: skipped)."""
+    reft: str = ""
+    """ReFT checkpoint (empty: skipped)."""
+    reft_run: str = ""
+    """ReFT run folder for training curves (metrics.jsonl); empty: inferred from `reft` (run/checkpoints/x/policy)."""
+    split: str = "test"
+    """Split evaluated: test | validation."""
+    k: int = 16
+    """Samples per question for voting and reranking (the paper: 100)."""
+    temperature: float = 1.0
+    """Sampling temperature (the paper: 1)."""
+    top_p: float = 1.0
+    """Nucleus sampling (1: off)."""
+    max_new_tokens: int = 256
+    """Longest CoT, greedy and sampled."""
+    chunk_size: int = 64
+    """Questions sampled and appended at a time (resume granularity)."""
+    gen_batch_size: int = 64
+    """Sequences decoded at once."""
+    engine: str = "cached"
+    """Generation engine: cached | hf."""
+    rerank: bool = True
+    """Rerank with a reward model (given, or trained here); False: top-1 and voting only."""
+    reward_model: str = ""
+    """A trained reward model (a folder, or a reward-model run folder); empty: train one here."""
+    rm_samples: str = ""
+    """Samples file over the training split to train the reward model on; empty: sample the warm-up model."""
+    rm_k: int = 100
+    """Samples per training question drawn from the warm-up model for the reward model (the paper: 100)."""
+    rm: RewardModelConfig = field(default_factory=RewardModelConfig)
+    """Reward-model training (model empty: the SFT checkpoint, else the warm-up one; out_dir is set here)."""
+    eval_dir: str = ""
+    """Where each method's greedy predictions go (empty: out_dir/eval)."""
+    seed: int = 0
+    """Seed of the samplers (every method gets the same seeds)."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N"""
+    dtype: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16"""
+    progress: bool = True
+    """Show progress bars."""
+
+
+def reft_metrics(cfg: CompareConfig) -> list[dict]:
+    """The ReFT run's metrics.jsonl rows that have rollout metrics (empty when not found)."""
+    run = Path(cfg.reft_run) if cfg.reft_run else None
+    if run is None and cfg.reft:
+        # .../RUN/checkpoints/{best,step-N}/policy -> RUN
+        candidate = Path(cfg.reft).parents[2] if len(Path(cfg.reft).parents) > 2 else None
+        run = candidate if candidate and (candidate / "metrics.jsonl").exists() else None
+    if run is None or not (run / "metrics.jsonl").exists():
+        return []
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if "reft/score" in r]
+
+
+def check_samples_origin(samples_path: Path, origin: dict) -> None:
+    """Samples files resume across reruns; refuse one drawn from another checkpoint or with other
+    settings (a sidecar `.origin.json` records them), instead of silently mixing the two."""
+    from reftune.tracking import write_json
+
+    sidecar = samples_path.with_name(samples_path.name + ".origin.json")
+    if samples_path.exists() and sidecar.exists():
+        before = json.loads(sidecar.read_text())
+        changed = sorted(k for k in origin if before.get(k) != origin[k])
+        if changed:
+            raise ValueError(f"{samples_path} was drawn with other {', '.join(changed)}; "
+                             f"use another out_dir (or delete the file) to compare other checkpoints")
+    samples_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(sidecar, origin)
+
+
+def _load(path: str, device, dtype):
+    from reftune.modeling import load_causal_lm, load_tokenizer
+
+    return load_causal_lm(path, device, dtype), load_tokenizer(path)
+
+
+def _reward_model_records(cfg: CompareConfig, task: Task, out: Path, device, dtype, rm_records) -> list[dict] | None:
+    """Training-split samples for the reward model: given, read from rm_samples, or drawn from the
+    warm-up model (resumable); None when there is nothing to draw them from."""
+    from reftune.generation import make_generator
+    from reftune.sample import read_samples, sample_to_file
+
+    if rm_records is not None:
+        return rm_records
+    if cfg.rm_samples:
+        if not Path(cfg.rm_samples).exists():
+            raise FileNotFoundError(f"compare: rm_samples file not found: {cfg.rm_samples}")
+        return read_samples(cfg.rm_samples)
+    if not cfg.warmup:
+        return None
+    path = out / "rm" / "train_samples.jsonl"
+    check_samples_origin(path, _origin(cfg, cfg.warmup, cfg.rm_k))
+    model, tokenizer = _load(cfg.warmup, device, dtype)
+    generator = make_generator(cfg.engine, model, tokenizer, cfg.gen_batch_size, seed=cfg.seed)
+    return sample_to_file(generator, task, task.train, path, cfg.rm_k, cfg.temperature, cfg.top_p, cfg.max_new_tokens,
+                          cfg.chunk_size, cfg.seed, cfg.progress)
+
+
+def _origin(cfg: CompareConfig, checkpoint: str, k: int) -> dict:
+    return {"checkpoint": checkpoint, "k": k, "temperature": cfg.temperature, "top_p": cfg.top_p,
+            "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "engine": cfg.engine}
+
+
+def run_compare(cfg: CompareConfig, task: Task | None = None, rm_records: list[dict] | None = None) -> dict:
+    """Evaluate every method given; returns (and writes) the comparison. `rm_records` (training-split
+    samples records) skips sampling for the reward model."""
+    from reftune.evaluate import evaluate, save_predictions
+    from reftune.generation import make_generator
+    from reftune.modeling import resolve_device, resolve_dtype
+    from reftune.report import write_compare_report
+    from reftune.reward_model import (load_reward_model, reward_model_path, rerank_curve, rm_training_data,
+                                      score_records, train_reward_model)
+    from reftune.sample import pass_at_k, sample_accuracy, sample_to_file
+    from reftune.tasks import load_task
+    from reftune.tracking import start_run, write_json
+    from reftune.voting import voting_curve
+
+    # 1. Run folder, task, the methods to compare.
+    start = time.time()
+    if cfg.k < 1:
+        raise ValueError(f"k must be >= 1, got {cfg.k}")
+    out = start_run(cfg.out_dir, cfg)
+    task = task or load_task(cfg.data)
+    examples = {"test": task.test, "validation": task.validation}.get(cfg.split)
+    if examples is None:
+        raise ValueError(f"split must be test or validation, got {cfg.split!r}")
+    if not examples:
+        raise ValueError(f"task {task.name}: the {cfg.split} split is empty")
+    methods = {m: getattr(cfg, m) for m in METHODS if getattr(cfg, m)}
+    if not methods:
+        raise ValueError("compare: no checkpoint given; set at least one of " + ", ".join(METHODS))
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    eval_dir = Path(cfg.eval_dir) if cfg.eval_dir else out / "eval"
+
+    # 2. Each method: greedy top-1, then k samples per question (resumable) and voting@k'.
+    results: dict[str, dict] = {}
+    records_of: dict[str, list[dict]] = {}
+    for name, path in methods.items():
+        t0 = time.time()
+        samples_path = out / "samples" / f"{name}_{cfg.split}.jsonl"
+        check_samples_origin(samples_path, _origin(cfg, path, cfg.k))
+        model, tokenizer = _load(path, device, dtype)
+        generator = make_generator(cfg.engine, model, tokenizer, cfg.gen_batch_size, seed=cfg.seed)
+        summary, predictions = evaluate(generator, task, examples, cfg.max_new_tokens)
+        save_predictions(eval_dir / name, summary, predictions, cfg.split)
+        records = sample_to_file(generator, task, examples, samples_path, cfg.k, cfg.temperature, cfg.top_p,
+                                 cfg.max_new_tokens, cfg.chunk_size, cfg.seed, cfg.progress)
+        curve = voting_curve(records, task.answer_type, cfg.k)
+        records_of[name] = records
+        results[name] = {"checkpoint": path, "accuracy": summary["accuracy"], "n": summary["n"], "k": cfg.k,
+                         "vote_accuracy": curve[cfg.k], "rerank_accuracy": None, "vote_curve": curve,
+                         "rerank_curve": None, "sample_accuracy": sample_accuracy(records),
+                         "pass_at_k": pass_at_k(records), "seconds": round(time.time() - t0, 1)}
+        print(f"[compare] {name:10s} top-1 {summary['accuracy']:.3f}  vote@{cfg.k} {curve[cfg.k]:.3f}  "
+              f"pass@{cfg.k} {results[name]['pass_at_k']:.3f}", flush=True)
+        del model, generator
+
+    # 3. Reward model: given, reused from an earlier run into this folder, or trained on the warm-up
+    # model's training-split samples (each distinct completion of a question once).
+    rm_info: dict = {"used": False} if cfg.rerank else {"used": False, "note": "rerank=false"}
+    rm_path = reward_model_path(cfg.reward_model) if cfg.reward_model else ""
+    if cfg.rerank and not rm_path and (out / "rm" / "checkpoints" / "final").exists():
+        rm_path = str(out / "rm" / "checkpoints" / "final")
+        rm_info["note"] = "reused the reward model already trained in this folder"
+    if cfg.rerank and not rm_path:
+        t0 = time.time()
+        init = cfg.rm.model or cfg.sft or cfg.warmup
+        train_records = _reward_model_records(cfg, task, out, device, dtype, rm_records)
+        if not init or train_records is None:
+            rm_info["note"] = "no reward model: give reward_model, or warmup (to sample) / rm_samples, and sft"
+        else:
+            cfg.rm.model, cfg.rm.out_dir, cfg.rm.seed = init, str(out / "rm"), cfg.seed
+            cfg.rm.progress = cfg.rm.progress and cfg.progress
+            trained = train_reward_model(cfg.rm, *rm_training_data(task, train_records))
+            rm_path = trained["checkpoint"]
+            rm_info.update(init=init, n_train=trained["n"], positive_fraction=trained["positive_fraction"],
+                           history=trained["history"], seconds=round(time.time() - t0, 1))
+            if trained["positive_fraction"] in (0.0, 1.0):
+                rm_info["warning"] = ("its training samples were all " + ("wrong" if trained["positive_fraction"] == 0
+                                      else "correct") + ": it learned no ranking, so reranking is arbitrary")
+    if cfg.rerank and rm_path:
+        # 4. Rerank: score every sample once, then pick among the first k' of each question.
+        t0 = time.time()
+        rm, rm_tokenizer = load_reward_model(rm_path, device, dtype)
+        for name, records in records_of.items():
+            scores = score_records(rm, rm_tokenizer, task, records, cfg.rm.score_batch_size, cfg.rm.max_length)
+            curve = rerank_curve(records, scores, cfg.k)
+            results[name].update(rerank_accuracy=curve[cfg.k], rerank_curve=curve)
+        del rm
+        rm_info.update(used=True, path=rm_path, scoring_seconds=round(time.time() - t0, 1))
+
+    # 5. Write compare.json, the plots, compare.md and compare.html.
+    comparison = {
+        "task": task.name, "style": task.style, "split": cfg.split, "k": cfg.k, "temperature": cfg.temperature,
+        "top_p": cfg.top_p, "selection": "each checkpoint as given (reftune picks SFT/ReFT on the validation split)",
+        "methods": results, "reward_model": rm_info, "paper": paper_reference(cfg.data.name, task.style),
+        "wall_seconds": round(time.time() - start, 1),
+    }
+    write_json(out / "compare.json", comparison)
+    write_compare_report(out, comparison, reft_metrics(cfg))
+    print(f"[compare] report: {out / 'compare.html'}", flush=True)
+    return comparison

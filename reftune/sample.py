@@ -1,0 +1,242 @@
+"""`reftune sample`: k sampled CoTs per question of a split, graded, saved as JSONL.
+
+The samples feed everything beyond greedy top-1: majority voting and reward-model reranking at
+test time, and the training data of Offline self-training and of the reward model.
+
+File format, one line per question (`{split}_samples.jsonl`):
+
+    {"id": ..., "question": ..., "gold": "18",
+     "samples": [{"completion": <full CoT>, "answer": "18" | null, "correct": true}, ...]}
+
+`completion` is the full CoT (`task.completion_text`: with `program_header_in_prompt` the header
+that was part of the prompt is put back), i.e. exactly what SFT would train on and what a grader
+or a reward model reads after `task.prompt(ex)`.
+
+Resumable: questions are sampled in chunks and each chunk is appended when done; a rerun skips
+the ids already in the file. A kill can leave a torn last line, which is detected and dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from reftune.tasks import DataConfig, Example, Task
+
+
+@dataclass
+class SampleConfig:
+    """`reftune sample`: k sampled CoTs per question of a split, graded, as resumable JSONL."""
+
+    model: str = ""
+    """Checkpoint folder or Hugging Face id to sample from."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Task whose split is sampled."""
+    split: str = "test"
+    """test | validation | train"""
+    out_dir: str = "runs/sample"
+    """Run folder; the samples go to `{split}_samples.jsonl` in it (a rerun resumes it)."""
+    k: int = 16
+    """Samples per question (the paper: 100 for voting and reranking)."""
+    temperature: float = 1.0
+    """Sampling temperature (the paper: 1)."""
+    top_p: float = 1.0
+    """Nucleus sampling (1: off, as in the paper)."""
+    max_new_tokens: int = 256
+    """Longest sampled CoT."""
+    chunk_size: int = 32
+    """Questions sampled and appended to the file at a time (what a kill can lose)."""
+    batch_size: int = 64
+    """Sequences decoded at once."""
+    engine: str = "cached"
+    """Generation engine: cached (built-in KV-cache sampler) | hf (model.generate)."""
+    seed: int = 0
+    """Seed of the sampler; chunk i uses seed + i, so a resumed run draws what it would have."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N"""
+    dtype: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16"""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+def sample_split(generator, task: Task, examples: list[Example], k: int, temperature: float = 1.0,
+                 top_p: float = 1.0, max_new_tokens: int = 256) -> list[dict]:
+    """Sample `k` CoTs for each example and grade them; one record per example (see module doc)."""
+    if not examples:
+        return []
+    prompts = [task.prompt(ex, for_generation=True) for ex in examples]
+    rollout = generator.generate(prompts, num_samples=k, temperature=temperature, top_p=top_p,
+                                 max_new_tokens=max_new_tokens)
+    row_examples = [examples[i] for i in rollout.prompt_index]
+    graded = task.grade(rollout.texts, row_examples)
+    records = [{"id": ex.id, "question": ex.question, "gold": ex.answer, "samples": []} for ex in examples]
+    for i, text, g in zip(rollout.prompt_index, rollout.texts, graded):
+        records[i]["samples"].append({"completion": task.completion_text(examples[i], text), "answer": g.answer,
+                                      "correct": bool(g.correct)})
+    return records
+
+
+def read_samples(path: str | Path, repair: bool = False) -> list[dict]:
+    """Records of a samples file. A torn last line (a kill while appending) is dropped, and with
+    `repair` also cut from the file so appends start on a clean line. A bad line elsewhere is an
+    error: that is not a torn write but a damaged file."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    # Everything after the last newline is an unfinished write; so is a final line that does not parse.
+    complete, tail = lines[:-1], lines[-1]
+    records, good_bytes = [], 0
+    for number, line in enumerate(complete, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(complete) and not tail:
+                break  # an unreadable last line is torn too (e.g. a crash left garbage before the newline)
+            raise ValueError(f"{path}: line {number} is not valid JSON; the file is damaged") from None
+        records.append(record)
+        good_bytes += len(line) + 1
+    if repair and good_bytes != len(raw):
+        with path.open("r+b") as f:
+            f.truncate(good_bytes)
+    return records
+
+
+def append_samples(path: str | Path, records: list[dict]) -> None:
+    """Append records, one JSON line each, in one write followed by fsync."""
+    if not records:
+        return
+    with Path(path).open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_same_questions(path, records, examples_by_id: dict[str, Example]) -> None:
+    """Ids are only row numbers for some tasks (the built-in one renumbers when the generator
+    changes): a record whose question is not its example's belongs to another task version."""
+    for r in records:
+        ex = examples_by_id.get(r["id"])
+        if ex is not None and r.get("question") != ex.question:
+            raise ValueError(f"{path}: question {r['id']!r} differs from the task's question with that id: the "
+                             f"samples were drawn for another version of the task or data; use another file")
+
+
+def sample_to_file(generator, task: Task, examples: list[Example], path: str | Path, k: int,
+                   temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256,
+                   chunk_size: int = 32, seed: int = 0, progress: bool = True) -> list[dict]:
+    """`sample_split` over `examples` in chunks appended to `path`, resuming what is there.
+
+    Returns the records of `examples` in their order (the ones from earlier runs included).
+    Chunks are fixed by position in `examples`, and chunk i reseeds the sampler with `seed + i`,
+    so an interrupted and resumed run writes the same samples as an uninterrupted one (same
+    engine and device; the lines of a chunk cut halfway come in another order).
+    """
+    from reftune.tracking import progress as progress_bar
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wanted = {ex.id: ex for ex in examples}
+    done = {r["id"]: r for r in read_samples(path, repair=True) if r["id"] in wanted}
+    check_same_questions(path, done.values(), wanted)
+    short = [i for i, r in done.items() if len(r["samples"]) < k]
+    if short:
+        raise ValueError(f"{path} holds fewer than k={k} samples for {len(short)} question(s) (e.g. {short[0]}): "
+                         f"it was written with another k; use another file")
+    bar = progress_bar(len(examples), f"sample {path.stem}", disable=not progress)
+    bar.update(len(done))
+    for chunk_index, start in enumerate(range(0, len(examples), chunk_size)):
+        chunk = examples[start:start + chunk_size]
+        if all(ex.id in done for ex in chunk):
+            continue
+        # A chunk cut halfway (a kill during its append) is sampled whole again, with its own seed,
+        # and only its missing questions are appended: the same samples as an uninterrupted run.
+        torch.manual_seed(seed + chunk_index)
+        if getattr(generator, "rng", None) is not None:
+            generator.rng.manual_seed(seed + chunk_index)
+        records = [r for r in sample_split(generator, task, chunk, k, temperature, top_p, max_new_tokens)
+                   if r["id"] not in done]
+        append_samples(path, records)
+        done.update((r["id"], r) for r in records)
+        bar.update(len(records))
+    bar.close()
+    return [done[ex.id] for ex in examples]
+
+
+def sample_accuracy(records: list[dict]) -> float:
+    """Fraction of all samples that are correct (the pass rate of a single sample)."""
+    n = sum(len(r["samples"]) for r in records)
+    return sum(s["correct"] for r in records for s in r["samples"]) / max(n, 1)
+
+
+def pass_at_k(records: list[dict]) -> float:
+    """Fraction of questions with at least one correct sample (the ceiling of voting and reranking)."""
+    return sum(any(s["correct"] for s in r["samples"]) for r in records) / max(len(records), 1)
+
+
+# Settings that may change between a run and its resumption: they do not change what is sampled.
+RESUME_FREE = ("out_dir", "chunk_size", "batch_size", "device", "progress")
+
+
+def check_resumable(cfg: SampleConfig) -> None:
+    """Refuse to append to a samples file drawn with other settings (model, k, temperature, data...)."""
+    from reftune.config import from_dict, read_yaml, to_dict
+
+    run_dir = Path(cfg.out_dir)
+    if not (run_dir / f"{cfg.split}_samples.jsonl").exists() or not (run_dir / "config.yaml").exists():
+        return
+    before = to_dict(from_dict(SampleConfig, read_yaml(run_dir / "config.yaml")))
+    now = to_dict(cfg)
+    changed = sorted(k for k in now if k not in RESUME_FREE and before.get(k) != now[k])
+    if changed:
+        raise ValueError(f"{run_dir} holds samples drawn with other settings ({', '.join(changed)} differ); "
+                         f"use another out_dir or the same settings to resume")
+
+
+def run_sample(cfg: SampleConfig) -> dict:
+    """Sample the split into `{out_dir}/{split}_samples.jsonl`; returns a summary (also saved)."""
+    from reftune.generation import make_generator
+    from reftune.modeling import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+    from reftune.tasks import load_task
+    from reftune.tracking import start_run, write_json
+    from reftune.voting import voting_accuracy
+
+    # 1. Run folder (a rerun into the same folder resumes, if it samples the same way), task, split.
+    if cfg.k < 1 or cfg.chunk_size < 1:
+        raise ValueError(f"k and chunk_size must be >= 1, got k={cfg.k}, chunk_size={cfg.chunk_size}")
+    check_resumable(cfg)
+    run_dir = start_run(cfg.out_dir, cfg)
+    task = load_task(cfg.data)
+    splits = {"test": task.test, "validation": task.validation, "train": task.train}
+    if cfg.split not in splits:
+        raise ValueError(f"split must be one of {sorted(splits)}, got {cfg.split!r}")
+    examples = splits[cfg.split]
+    if not examples:
+        raise ValueError(f"task {task.name}: the {cfg.split} split is empty")
+
+    # 2. Model and generator.
+    device = resolve_device(cfg.device)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_causal_lm(cfg.model, device, resolve_dtype(cfg.dtype, device))
+    generator = make_generator(cfg.engine, model, tokenizer, cfg.batch_size, seed=cfg.seed)
+
+    # 3. Sample chunk by chunk, appending (and resuming) the file.
+    start = time.time()
+    path = run_dir / f"{cfg.split}_samples.jsonl"
+    records = sample_to_file(generator, task, examples, path, cfg.k, cfg.temperature, cfg.top_p, cfg.max_new_tokens,
+                             cfg.chunk_size, cfg.seed, cfg.progress)
+
+    # 4. Summary: what a single sample, voting and the best of k achieve.
+    summary = {"path": str(path), "model": cfg.model, "task": task.name, "split": cfg.split, "n": len(records),
+               "k": cfg.k, "sample_accuracy": sample_accuracy(records),
+               f"vote_accuracy@{cfg.k}": voting_accuracy(records, task.answer_type, cfg.k),
+               f"pass@{cfg.k}": pass_at_k(records), "seconds": round(time.time() - start, 1)}
+    write_json(run_dir / f"{cfg.split}_samples_summary.json", summary)
+    return summary
