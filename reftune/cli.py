@@ -25,6 +25,23 @@ def _config(cls, args):
     return load_config(cls, args.config, args.overrides)
 
 
+def _resumable_config(cls, args):
+    """With --resume, the run folder's own config.yaml is the source of truth (overrides may extend
+    it, e.g. steps); otherwise the usual -c file + overrides."""
+    from pathlib import Path
+
+    from reftune.config import load_config
+
+    if not args.resume:
+        return _config(cls, args)
+    if args.config:
+        raise ValueError("--resume continues a run with the config saved in its folder; drop -c/--config "
+                         "(key=value overrides still apply)")
+    cfg = load_config(cls, Path(args.resume) / "config.yaml", args.overrides)
+    cfg.out_dir = str(args.resume)
+    return cfg
+
+
 def cmd_demo(args) -> dict:
     from reftune.demo import DemoConfig, run_demo
 
@@ -55,21 +72,9 @@ def cmd_sft(args) -> dict:
 
 
 def cmd_train(args) -> dict:
-    from pathlib import Path
-
-    from reftune.config import load_config
     from reftune.ppo import ReFTConfig, run_reft
 
-    if args.resume:
-        if args.config:
-            raise ValueError("--resume continues a run with the config saved in its folder; drop -c/--config "
-                             "(key=value overrides still apply)")
-        # The run folder's own config is the source of truth; overrides may extend it (e.g. steps).
-        cfg = load_config(ReFTConfig, Path(args.resume) / "config.yaml", args.overrides)
-        cfg.out_dir = str(args.resume)
-    else:
-        cfg = _config(ReFTConfig, args)
-    result = run_reft(cfg, resume=bool(args.resume))
+    result = run_reft(_resumable_config(ReFTConfig, args), resume=bool(args.resume))
     return {k: v for k, v in result.items() if k != "history"}
 
 
@@ -93,17 +98,9 @@ def cmd_offline_st(args) -> dict:
 
 
 def cmd_online_st(args) -> dict:
-    from pathlib import Path
-
-    from reftune.config import load_config
     from reftune.online_st import OnlineSTConfig, run_online_st
 
-    if args.resume:
-        cfg = load_config(OnlineSTConfig, Path(args.resume) / "config.yaml", args.overrides)
-        cfg.out_dir = str(args.resume)
-    else:
-        cfg = _config(OnlineSTConfig, args)
-    result = run_online_st(cfg, resume=bool(args.resume))
+    result = run_online_st(_resumable_config(OnlineSTConfig, args), resume=bool(args.resume))
     return {k: v for k, v in result.items() if k != "history"}
 
 
