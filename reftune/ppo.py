@@ -102,6 +102,8 @@ class ReFTConfig:
     """auto | cpu | cuda | cuda:N"""
     dtype: str = "auto"
     """auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16"""
+    mixed_precision: str = "no"
+    """Forward passes under bf16 autocast, weights and optimizer in fp32: no | bf16 | auto (where bf16 is native)."""
     tensorboard: bool = True
     """Also write TensorBoard events."""
     progress: bool = True
@@ -117,6 +119,7 @@ def policy_forward(model, value_head, input_ids, attention_mask, response_ids, r
     from reftune.modeling import forward_logits_values
 
     logits, values = forward_logits_values(model, value_head, input_ids, attention_mask, response_start)
+    logits = logits.float()  # log-softmax, ratios and entropy in fp32 even under bf16 autocast
     if temperature != 1.0:
         logits = logits / temperature
     return A.logprobs_from_logits(logits, response_ids), values, logits
@@ -153,6 +156,8 @@ def validate(cfg: ReFTConfig) -> None:
         raise ValueError(f"advantage={cfg.advantage} compares samples of one question: set samples_per_prompt >= 2")
     if cfg.eval_split not in ("validation", "test"):
         raise ValueError(f"eval_split must be validation or test, got {cfg.eval_split!r}")
+    if cfg.mixed_precision not in ("no", "bf16", "auto"):
+        raise ValueError(f"mixed_precision must be no, bf16 or auto, got {cfg.mixed_precision!r}")
     if cfg.questions_per_step * cfg.samples_per_prompt < cfg.mini_batch_size:
         raise ValueError("mini_batch_size is larger than the rollout batch (questions_per_step * samples_per_prompt)")
 
@@ -161,7 +166,8 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task=None) -> dict:
     """Train with PPO; returns {"best_checkpoint", "best_accuracy", "last_checkpoint", "history"}."""
     from reftune.evaluate import evaluate
     from reftune.generation import make_generator
-    from reftune.modeling import ValueHead, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+    from reftune.modeling import (ValueHead, autocast, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype,
+                                   resolve_mixed_precision)
     from reftune.rollout import load_latest, rng_state, sample_and_score, save_best, save_rl_checkpoint, set_rng_state, step_questions
     from reftune.tasks import load_task
     from reftune.tracking import RunLogger, progress, start_run, write_json
@@ -175,6 +181,7 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task=None) -> dict:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    amp = resolve_mixed_precision(cfg.mixed_precision, device)
 
     # 2. Policy (warm-up model + value head), frozen reference, optimizer, generator.
     latest = load_latest(run_dir) if resume else None
@@ -222,7 +229,7 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task=None) -> dict:
         t_gen = time.time() - t0
 
         # 4. Log-probs and values of the sampled tokens under the policy (old) and the reference.
-        with torch.no_grad():
+        with torch.no_grad(), autocast(amp, device):
             model.eval()
             if value_head is not None:
                 value_head.eval()
@@ -248,8 +255,9 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task=None) -> dict:
         for _ in range(cfg.ppo_epochs):
             for idx in torch.randperm(B).split(cfg.mini_batch_size):
                 mb_mask = response_mask[idx]
-                logprobs, values, logits = policy_forward(model, value_head, input_ids[idx], attention_mask[idx],
-                                                          ro.response_ids[idx], P, cfg.temperature)
+                with autocast(amp, device):
+                    logprobs, values, logits = policy_forward(model, value_head, input_ids[idx], attention_mask[idx],
+                                                              ro.response_ids[idx], P, cfg.temperature)
                 pg_loss, pg_stats = A.ppo_policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.clip)
                 loss = pg_loss
                 if value_head is not None:

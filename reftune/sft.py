@@ -64,6 +64,8 @@ class SFTConfig:
     """auto | cpu | cuda | cuda:N"""
     dtype: str = "auto"
     """auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16"""
+    mixed_precision: str = "no"
+    """Forward passes under bf16 autocast, weights and optimizer in fp32: no | bf16 | auto (where bf16 is native)."""
     tensorboard: bool = True
     """Also write TensorBoard events."""
     progress: bool = True
@@ -130,11 +132,14 @@ def run_sft(cfg: SFTConfig, task: Task | None = None, train_examples: list[Examp
     """
     from reftune.evaluate import evaluate
     from reftune.generation import make_generator
-    from reftune.modeling import atomic_save, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype, save_hf
+    from reftune.modeling import (atomic_save, autocast, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype,
+                                   resolve_mixed_precision, save_hf)
     from reftune.tasks import load_task
     from reftune.tracking import RunLogger, progress, start_run, write_json
 
     # 1. Run folder, seed, task, model.
+    device = resolve_device(cfg.device)
+    amp = resolve_mixed_precision(cfg.mixed_precision, device)
     run_dir = start_run(cfg.out_dir, cfg)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -142,7 +147,6 @@ def run_sft(cfg: SFTConfig, task: Task | None = None, train_examples: list[Examp
     examples = train_examples if train_examples is not None else task.train
     if not examples:
         raise ValueError(f"task {task.name}: the training split is empty")
-    device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, device, resolve_dtype(cfg.dtype, device))
     model.train()
@@ -177,7 +181,8 @@ def run_sft(cfg: SFTConfig, task: Task | None = None, train_examples: list[Examp
             loss_sum = 0.0
             for batch in group:
                 batch = {k: v.to(device) for k, v in batch.items()}
-                loss, _ = sft_loss(model, batch)
+                with autocast(amp, device):
+                    loss, _ = sft_loss(model, batch)
                 (loss / max(n_tokens, 1)).backward()
                 loss_sum += loss.item()
             if not math.isfinite(loss_sum):

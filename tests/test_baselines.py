@@ -120,6 +120,27 @@ def test_online_st_ce_batch_covers_only_correct_samples_and_gold(small_task, tin
     assert none.own == [] and none.gold_ids == [q1.id, q2.id]
 
 
+def test_token_mean_ce_of_several_lists_in_one_forward(small_task, tiny_model):
+    """One padded forward over gold + own gives each list's own token-mean CE, exactly what
+    `sft_loss` gives for that list alone (right padding never changes the real tokens' logits)."""
+    from transformers import AutoModelForCausalLM
+
+    from reftune.modeling import load_tokenizer
+    from reftune.online_st import token_mean_ce
+    from reftune.sft import collate, encode_sft_example, sft_loss
+
+    tok = load_tokenizer(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    enc = [encode_sft_example(tok, small_task.prompt(ex), small_task.target(ex), 512) for ex in small_task.train[:5]]
+    gold, own = enc[:2], enc[2:]
+    with torch.no_grad():
+        gold_loss, own_loss, empty = token_mean_ce(model, [gold, own, []], tok.pad_token_id, torch.device("cpu"))
+        for part, got in ((gold, gold_loss), (own, own_loss)):
+            loss_sum, n = sft_loss(model, collate(part, tok.pad_token_id))
+            torch.testing.assert_close(got, loss_sum / n)
+    assert empty is None
+
+
 def test_split_even_and_config_from_reft():
     assert [len(p) for p in split_even(list(range(7)), 3)] == [3, 2, 2]
     assert split_even([1], 3) == [[1], [], []]

@@ -269,6 +269,19 @@ def test_bfloat16_policy_with_value_head(warmup_model, parity_task, tmp_path):
     assert all(torch.isfinite(t.float()).all() for t in torch.load(last / "value_head.pt").values())
 
 
+def test_bf16_mixed_precision_keeps_fp32_weights(warmup_model, parity_task, tmp_path):
+    """mixed_precision=bf16: forwards under autocast, weights, value head and losses stay fp32.
+    Old and reference log-probs come from the same bf16 forward of identical weights, so KL is
+    still exactly 0 at the first iteration; the update still moves the policy."""
+    cfg = reft_config(warmup_model, tmp_path / "run", steps=2, mixed_precision="bf16", eval_every=0)
+    result = run_reft(cfg, task=parity_task)
+    assert result["history"][0]["reft/kl"] == 0.0
+    assert all(h["reft/vf_loss"] > 0 and h["reft/grad_norm"] > 0 for h in result["history"])
+    last = weights(tmp_path / "run" / "checkpoints" / "step-000002" / "policy")
+    assert all(t.dtype == torch.float32 for t in last.values())
+    assert any(not torch.equal(last[k], t) for k, t in weights(warmup_model).items())
+
+
 def test_hf_engine_runs(warmup_model, parity_task, tmp_path):
     result = run_reft(reft_config(warmup_model, tmp_path / "run", steps=1, engine="hf"), task=parity_task)
     assert abs(result["history"][0]["reft/kl"]) < 1e-6
@@ -310,6 +323,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(warmup_model, pari
     (dict(advantage="ppo"), "advantage"),
     (dict(eval_split="train"), "eval_split"),
     (dict(mini_batch_size=64), "mini_batch_size"),
+    (dict(mixed_precision="fp8"), "mixed_precision"),
 ])
 def test_invalid_config_is_rejected_before_anything_runs(bad, message, parity_task, tmp_path):
     run = tmp_path / "run"

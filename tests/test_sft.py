@@ -257,6 +257,24 @@ def test_run_sft_refuses_to_overwrite_a_run(sft_run, small_task):
     assert (Path(cfg.out_dir) / "config.yaml").read_text() == before
 
 
+def test_bf16_mixed_precision_learns_with_fp32_weights(tiny_model, small_task, tmp_path):
+    """mixed_precision=bf16 (autocast forwards, fp32 master weights): the loss falls as in fp32
+    and the checkpoint stays fp32."""
+    result = run_sft(sft_config(tiny_model, tmp_path / "run", epochs=3, mixed_precision="bf16"), task=small_task)
+    history = result["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.2
+    assert all(t.dtype == torch.float32 for t in weights(result["checkpoints"][3]).values())
+
+
+def test_mixed_precision_modes():
+    cpu = torch.device("cpu")
+    assert modeling.resolve_mixed_precision("no", cpu) is False
+    assert modeling.resolve_mixed_precision("bf16", cpu) is True
+    assert modeling.resolve_mixed_precision("auto", cpu) is modeling.cpu_has_native_bf16()
+    with pytest.raises(ValueError, match="mixed_precision"):
+        modeling.resolve_mixed_precision("fp8", cpu)
+
+
 def test_empty_training_split_is_an_error(tiny_model, small_task, tmp_path):
     with pytest.raises(ValueError, match="empty"):
         run_sft(sft_config(tiny_model, tmp_path / "run"), task=small_task, train_examples=[])
