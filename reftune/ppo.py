@@ -119,7 +119,10 @@ def policy_forward(model, value_head, input_ids, attention_mask, response_ids, r
     from reftune.modeling import forward_logits_values
 
     logits, values = forward_logits_values(model, value_head, input_ids, attention_mask, response_start)
-    logits = logits.float()  # log-softmax, ratios and entropy in fp32 even under bf16 autocast
+    if torch.is_autocast_enabled(logits.device.type):
+        # bf16 autocast over fp32 weights: take the logits back to fp32, as without autocast. (With
+        # bf16 weights, logprobs_from_logits upcasts row by row instead, to spare GPU memory.)
+        logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     return A.logprobs_from_logits(logits, response_ids), values, logits
