@@ -5,8 +5,10 @@
 Each seed runs `reftune demo` with that seed (task draw, tiny model init, data order, sampling) into
 `OUT/seed-N` (the default `baselines=false`: warm-up, SFT and ReFT with top-1 and voting only, about
 8 minutes per seed on 2 cores), then one table: greedy test accuracy of warm-up, SFT and ReFT,
-ReFT minus SFT, and the wall time. Seeds already in OUT are read back, not re-run, so an
-interrupted sweep continues where it stopped. Extra `key=value` overrides go to every demo run.
+ReFT minus SFT, and the wall time. Finished seeds (a `summary.json` in their folder) are read back,
+not re-run, so a sweep continues after its last finished seed; a seed killed mid-run leaves a
+folder the demo refuses to overwrite (delete it to re-run that seed). Extra `key=value` overrides go
+to every demo run.
 
 A seed moves SFT by several points on its own (which epoch leaves the early plateau), so one run
 says little about the gap; the mean and the worst seed say more.

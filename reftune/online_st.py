@@ -176,12 +176,12 @@ def run_online_st(cfg: OnlineSTConfig, resume: bool = False, task: Task | None =
         raise ValueError(f"eval_split must be validation or test, got {cfg.eval_split!r}")
     if not 0.0 <= cfg.own_weight <= 1.0:
         raise ValueError(f"own_weight must be in [0, 1], got {cfg.own_weight}")
-    amp = resolve_mixed_precision(cfg.mixed_precision, resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    amp = resolve_mixed_precision(cfg.mixed_precision, device)
     run_dir = start_run(cfg.out_dir, cfg, resume=resume)
     task = task or load_task(cfg.data)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
 
     # 2. Policy (warm-up model, or the last checkpoint when resuming), optimizer, generator.
     latest = load_latest(run_dir) if resume else None

@@ -159,8 +159,6 @@ def validate(cfg: ReFTConfig) -> None:
         raise ValueError(f"advantage={cfg.advantage} compares samples of one question: set samples_per_prompt >= 2")
     if cfg.eval_split not in ("validation", "test"):
         raise ValueError(f"eval_split must be validation or test, got {cfg.eval_split!r}")
-    if cfg.mixed_precision not in ("no", "bf16", "auto"):
-        raise ValueError(f"mixed_precision must be no, bf16 or auto, got {cfg.mixed_precision!r}")
     if cfg.questions_per_step * cfg.samples_per_prompt < cfg.mini_batch_size:
         raise ValueError("mini_batch_size is larger than the rollout batch (questions_per_step * samples_per_prompt)")
 
@@ -177,14 +175,14 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task=None) -> dict:
 
     # 1. Run folder, task, seeds.
     validate(cfg)
+    device = resolve_device(cfg.device)
+    amp = resolve_mixed_precision(cfg.mixed_precision, device)  # a bad mode fails here, before any folder
     run_dir = start_run(cfg.out_dir, cfg, resume=resume)
     task = task or load_task(cfg.data)
     kl_coef = cfg.kl_coef if cfg.kl_coef is not None else KL_COEF_BY_STYLE[task.style]
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    amp = resolve_mixed_precision(cfg.mixed_precision, device)
 
     # 2. Policy (warm-up model + value head), frozen reference, optimizer, generator.
     latest = load_latest(run_dir) if resume else None
