@@ -14,7 +14,7 @@ Also printed: how far the bf16 log-probs of the sampled tokens are from the fp32
 ratio sees this as noise; it should be far below the 0.2 clip).
 
 bf16 is fast only where the CPU has native bf16 (AVX512-BF16 or AMX; see
-`reftune.modeling.cpu_has_native_bf16`); elsewhere it is emulated and slower, and `auto` keeps fp32.
+`reftune.models.cpu_has_native_bf16`); elsewhere it is emulated and slower, and `auto` keeps fp32.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from reftune import algorithms as A  # noqa: E402
+from reftune.trainers import algorithms as A  # noqa: E402
 from reftune.demo import _demo_data  # noqa: E402
-from reftune.generation import CachedSampler  # noqa: E402
-from reftune.modeling import ValueHead, autocast, cpu_has_native_bf16, load_causal_lm, load_tokenizer  # noqa: E402
-from reftune.ppo import policy_forward  # noqa: E402
-from reftune.rollout import sample_and_score  # noqa: E402
-from reftune.sft import SFTConfig, run_sft  # noqa: E402
+from reftune.engines.base import CachedSampler  # noqa: E402
+from reftune.models import ValueHead, autocast, cpu_has_native_bf16, load_causal_lm, load_tokenizer  # noqa: E402
+from reftune.trainers.reft import policy_forward  # noqa: E402
+from reftune.trainers.rollout import sample_and_score  # noqa: E402
+from reftune.trainers.sft import SFTConfig, run_sft  # noqa: E402
 from reftune.tasks import load_task  # noqa: E402
 from reftune.tiny import TinyModelConfig, build_tiny_model, tokenizer_corpus  # noqa: E402
 

@@ -65,47 +65,47 @@ def cmd_build_tiny(args) -> dict:
 
 
 def cmd_sft(args) -> dict:
-    from reftune.sft import SFTConfig, run_sft
+    from reftune.trainers.sft import SFTConfig, run_sft
 
     result = run_sft(_config(SFTConfig, args))
     return {k: v for k, v in result.items() if k != "history"}
 
 
 def cmd_train(args) -> dict:
-    from reftune.ppo import ReFTConfig, run_reft
+    from reftune.trainers.reft import ReFTConfig, run_reft
 
     result = run_reft(_resumable_config(ReFTConfig, args), resume=bool(args.resume))
     return {k: v for k, v in result.items() if k != "history"}
 
 
 def cmd_eval(args) -> dict:
-    from reftune.evaluate import EvalConfig, run_eval
+    from reftune.inference.evaluate import EvalConfig, run_eval
 
     return run_eval(_config(EvalConfig, args))
 
 
 def cmd_sample(args) -> dict:
-    from reftune.sample import SampleConfig, run_sample
+    from reftune.inference.sample import SampleConfig, run_sample
 
     return run_sample(_config(SampleConfig, args))
 
 
 def cmd_offline_st(args) -> dict:
-    from reftune.offline_st import OfflineSTConfig, run_offline_st
+    from reftune.trainers.offline_st import OfflineSTConfig, run_offline_st
 
     result = run_offline_st(_config(OfflineSTConfig, args))
     return {k: v for k, v in result.items() if k != "history"}
 
 
 def cmd_online_st(args) -> dict:
-    from reftune.online_st import OnlineSTConfig, run_online_st
+    from reftune.trainers.online_st import OnlineSTConfig, run_online_st
 
     result = run_online_st(_resumable_config(OnlineSTConfig, args), resume=bool(args.resume))
     return {k: v for k, v in result.items() if k != "history"}
 
 
 def cmd_compare(args) -> dict:
-    from reftune.compare import CompareConfig, run_compare
+    from reftune.compare.compare import CompareConfig, run_compare
 
     comparison = run_compare(_config(CompareConfig, args))
     drop = ("vote_curve", "rerank_curve")
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from reftune.config import ConfigError
-    from reftune.modeling import ModelLoadError
+    from reftune.models import ModelLoadError
 
     handled = (ConfigError, ModelLoadError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError)
     try:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -22,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from reftune.ppo import ReFTConfig
-from reftune.reward_model import RewardModelConfig
-from reftune.sft import SFTConfig
+from reftune.trainers.reft import ReFTConfig
+from reftune.trainers.reward_model import RewardModelConfig
+from reftune.trainers.sft import SFTConfig
 from reftune.tasks import DataConfig
+from reftune.compare.plots import plot_learning_curves
 from reftune.tiny import TinyModelConfig
 
 
@@ -97,34 +99,31 @@ class DemoConfig:
     """Reward model for reranking, initialised from the SFT checkpoint (model and out_dir are set by the demo)."""
 
 
-def apply_quick(cfg: DemoConfig) -> None:
-    """Shrink everything so the demo runs in well under a minute (for tests)."""
-    cfg.data.n_train, cfg.data.n_test, cfg.data.validation_size = 64, 32, 16
-    cfg.tiny.hidden_size, cfg.tiny.intermediate_size, cfg.tiny.num_layers, cfg.tiny.vocab_size = 32, 64, 2, 300
-    cfg.sft.epochs, cfg.sft.batch_size = 2, 16
-    cfg.warmup_epoch = 1
-    cfg.reft.steps, cfg.reft.questions_per_step, cfg.reft.mini_batch_size = 2, 8, 4
-    cfg.reft.eval_every, cfg.reft.save_every = 2, 2
-    cfg.reft.max_new_tokens = cfg.reft.eval_max_new_tokens = cfg.sft.eval_max_new_tokens = 40
-    cfg.train_samples_k, cfg.offline_st_epochs, cfg.compare_k = 2, 1, 4
-    cfg.reward_model.epochs = 1
+def apply_quick(cfg: DemoConfig) -> DemoConfig:
+    """A copy of `cfg` shrunk so the demo runs in well under a minute (for tests)."""
+    r = dataclasses.replace
+    return r(cfg, warmup_epoch=1, train_samples_k=2, offline_st_epochs=1, compare_k=4,
+             data=r(cfg.data, n_train=64, n_test=32, validation_size=16),
+             tiny=r(cfg.tiny, hidden_size=32, intermediate_size=64, num_layers=2, vocab_size=300),
+             sft=r(cfg.sft, epochs=2, batch_size=16, eval_max_new_tokens=40),
+             reft=r(cfg.reft, steps=2, questions_per_step=8, mini_batch_size=4, eval_every=2, save_every=2,
+                    max_new_tokens=40, eval_max_new_tokens=40),
+             reward_model=r(cfg.reward_model, epochs=1))
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from reftune.compare import METHODS, CompareConfig, run_compare
-    from reftune.offline_st import OfflineSTConfig, run_offline_st
-    from reftune.online_st import online_st_config_from_reft, run_online_st
-    from reftune.ppo import run_reft
-    from reftune.report import write_demo_report
-    from reftune.sample import read_samples
-    from reftune.sft import run_sft
+    from reftune.compare.compare import METHODS, CompareConfig, run_compare
+    from reftune.trainers.offline_st import OfflineSTConfig, run_offline_st
+    from reftune.trainers.online_st import online_st_config_from_reft, run_online_st
+    from reftune.trainers.reft import run_reft
+    from reftune.inference.sample import read_samples
+    from reftune.trainers.sft import run_sft
     from reftune.tasks import load_task
     from reftune.tiny import build_tiny_model, tokenizer_corpus
-    from reftune.tracking import start_run, write_json
+    from reftune.runs import start_run, write_json
 
     start = time.time()
-    if cfg.quick:
-        apply_quick(cfg)
+    cfg = apply_quick(cfg) if cfg.quick else copy.deepcopy(cfg)  # stage configs below are derived, never the caller's
     if not 1 <= cfg.warmup_epoch <= cfg.sft.epochs:
         raise ValueError(f"warmup_epoch must be between 1 and sft.epochs={cfg.sft.epochs}, got {cfg.warmup_epoch}")
     if cfg.threads:
@@ -133,7 +132,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     for stage in ("tiny", "sft", "reft", "offline_st", "online_st", "compare"):
         if (out / stage).exists():
             raise FileExistsError(f"{out} already holds a demo run ({out / stage}); choose another --out or delete it")
-    cfg.data.seed = cfg.tiny.seed = cfg.sft.seed = cfg.reft.seed = cfg.reward_model.seed = cfg.seed
+    r = dataclasses.replace
+    cfg = r(cfg, data=r(cfg.data, seed=cfg.seed), tiny=r(cfg.tiny, seed=cfg.seed), sft=r(cfg.sft, seed=cfg.seed),
+            reft=r(cfg.reft, seed=cfg.seed), reward_model=r(cfg.reward_model, seed=cfg.seed))
     start_run(out, cfg)
     task = load_task(cfg.data)
     print(f"[demo] task {task.name} ({task.style} CoT): {len(task.train)} train, {len(task.validation)} validation, "
@@ -143,14 +144,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     model_dir = build_tiny_model(out / "tiny", tokenizer_corpus(task), cfg.tiny)
 
     # 2. One SFT run: warm-up = an early epoch, SFT baseline = best epoch on validation.
-    cfg.sft.model, cfg.sft.data, cfg.sft.out_dir = str(model_dir), cfg.data, str(out / "sft")
-    cfg.sft.save_epochs = sorted({cfg.warmup_epoch, *range(1, cfg.sft.epochs + 1)})
-    sft = run_sft(cfg.sft, task=task)
+    sft_cfg = r(cfg.sft, model=str(model_dir), data=cfg.data, out_dir=str(out / "sft"),
+                save_epochs=sorted({cfg.warmup_epoch, *range(1, cfg.sft.epochs + 1)}))
+    sft = run_sft(sft_cfg, task=task)
     warmup_ckpt, sft_ckpt = sft["checkpoints"][cfg.warmup_epoch], sft["best_checkpoint"]
 
     # 3. ReFT from the warm-up checkpoint.
-    cfg.reft.model, cfg.reft.data, cfg.reft.out_dir = warmup_ckpt, cfg.data, str(out / "reft")
-    reft = run_reft(cfg.reft, task=task)
+    reft = run_reft(r(cfg.reft, model=warmup_ckpt, data=cfg.data, out_dir=str(out / "reft")), task=task)
 
     stage_seconds = {"tiny_sft_reft": round(time.time() - start, 1)}
     methods = {"warmup": warmup_ckpt, "sft": sft_ckpt, "reft": reft["best_checkpoint"]}
@@ -158,10 +158,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     if cfg.baselines:
         # 4. Offline-ST: warm-up samples on the training set, SFT from the BASE model on gold + kept.
         t0 = time.time()
-        offline_sft = copy.deepcopy(cfg.sft)
         # By default the SFT baseline's budget in optimizer steps: with much less the tiny model barely
         # learns from scratch (measured: 6 of 12 epochs gave 3% validation accuracy): a straw man.
-        offline_sft.epochs, offline_sft.save_epochs = cfg.offline_st_epochs or cfg.sft.epochs, []
+        offline_sft = r(cfg.sft, epochs=cfg.offline_st_epochs or cfg.sft.epochs, save_epochs=[])
         offline_cfg = OfflineSTConfig(
             base_model=str(model_dir), warmup_model=warmup_ckpt, data=cfg.data, out_dir=str(out / "offline_st"),
             k=cfg.train_samples_k, max_per_question=cfg.offline_st_max_per_question,
@@ -188,12 +187,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     # 6. Compare every method on the test split: greedy top-1, voting@k, reranking@k (reward model
     # from the SFT checkpoint, trained on the warm-up samples step 4 drew), compare.html.
     t0 = time.time()
-    cfg.reward_model.model = sft_ckpt
     compare_cfg = CompareConfig(
         data=cfg.data, out_dir=str(out / "compare"), **{m: methods.get(m, "") for m in METHODS},
         reft_run=str(out / "reft"), split="test", k=cfg.compare_k, temperature=cfg.reft.temperature,
         top_p=cfg.reft.top_p, max_new_tokens=cfg.reft.eval_max_new_tokens, gen_batch_size=cfg.reft.gen_batch_size,
-        engine=cfg.reft.engine, rerank=cfg.baselines and train_samples is not None, rm=cfg.reward_model,
+        engine=cfg.reft.engine, rerank=cfg.baselines and train_samples is not None, rm=r(cfg.reward_model, model=sft_ckpt),
         eval_dir=str(out / "eval"), seed=cfg.seed, device=cfg.sft.device, progress=cfg.sft.progress)
     comparison = run_compare(compare_cfg, task=task, rm_records=train_samples)
     stage_seconds["compare"] = round(time.time() - t0, 1)
@@ -223,3 +221,40 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 def load_summary(out_dir: str | Path) -> dict:
     return json.loads((Path(out_dir) / "summary.json").read_text())
+
+
+def write_demo_report(out: Path, summary: dict, sft_history: list[dict], reft_history: list[dict]) -> Path:
+    out = Path(out)
+    plot_learning_curves(out / "learning_curves.png", sft_history, reft_history)
+    methods = [m for m in ("warmup", "sft", "reft", "offline_st", "online_st") if m in summary]
+    lines = [
+        "# reftune demo",
+        "",
+        f"Task `{summary['task']}` ({summary['style']} CoT), seed {summary['seed']}, "
+        f"wall time {summary['wall_seconds']:.0f} s{' (quick mode: numbers are meaningless)' if summary.get('quick') else ''}.",
+        f"Warm-up = SFT epoch {summary['warmup_epoch']}; SFT baseline = best epoch on validation "
+        f"({summary['sft_best_epoch']}); ReFT = best PPO step on validation. Accuracy: greedy top-1 on the test split.",
+        *([f"Offline-ST = SFT from the base model on the gold CoTs + {summary['offline_st_data']['n_kept']} distinct "
+           f"correct warm-up samples ({summary['offline_st_data']['epochs']} epochs, best on validation); Online-ST = "
+           "ReFT's loop and budget with a cross-entropy update on own correct samples + gold (best step on validation)."]
+          if "offline_st_data" in summary else []),
+        "",
+        "| method | accuracy | n | voting@k | reranking@k |",
+        "|---|---|---|---|---|",
+        *[f"| {m} | {summary[m]['accuracy']:.3f} | {summary[m]['n']} | {_pct_or_dash(summary[m].get('vote_accuracy'))} "
+          f"| {_pct_or_dash(summary[m].get('rerank_accuracy'))} |" for m in methods],
+        "",
+        "![learning curves](learning_curves.png)",
+        "",
+    ]
+    if summary.get("compare"):
+        lines += [f"Voting and reranking use k={summary['compare']['k']} samples per test question (T=1). "
+                  f"The full comparison with plots: [compare.html]({summary['compare']['html']}) "
+                  f"([compare.md]({summary['compare']['markdown']})).", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _pct_or_dash(value) -> str:
+    return "-" if value is None else f"{value:.3f}"

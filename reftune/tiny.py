@@ -65,7 +65,7 @@ def build_tiny_model(out_dir: str | Path, texts: list[str], cfg: TinyModelConfig
     """Train a tokenizer on `texts`, initialise a small Llama, save both to `out_dir`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from reftune.modeling import quiet_transformers
+    from reftune.models import quiet_transformers
 
     quiet_transformers()
     cfg = cfg or TinyModelConfig()

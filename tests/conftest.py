@@ -55,7 +55,7 @@ def tiny_model(tmp_path_factory, small_task) -> str:
 @pytest.fixture(scope="session")
 def warmup_model(tmp_path_factory, tiny_model, small_task) -> str:
     """A briefly SFT-ed tiny model: the warm-up checkpoint ReFT tests start from (read-only)."""
-    from reftune.sft import SFTConfig, run_sft
+    from reftune.trainers.sft import SFTConfig, run_sft
 
     out = tmp_path_factory.mktemp("warmup") / "sft"
     cfg = SFTConfig(model=tiny_model, data=small_data(), out_dir=str(out), epochs=2, batch_size=16, lr=3e-3,

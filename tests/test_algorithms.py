@@ -1,4 +1,4 @@
-"""The RL math (reftune.algorithms) against numbers worked out by hand in the comments."""
+"""The RL math (reftune.trainers.algorithms) against numbers worked out by hand in the comments."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from reftune.algorithms import (
+from reftune.trainers.algorithms import (
     broadcast_sequence_advantages, entropy_from_logits, explained_variance, gae, group_advantages,
     grpo_advantages, kl_k1, kl_k3, kl_penalty, logprobs_from_logits, masked_mean, masked_sum, masked_var,
     masked_whiten, ppo_policy_loss, ppo_value_loss, rloo_advantages, sequence_mean, token_rewards,

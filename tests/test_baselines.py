@@ -11,12 +11,13 @@ import torch
 from conftest import small_data
 from safetensors.torch import load_file
 
-from reftune.generation import Rollout
-from reftune.offline_st import OfflineSTConfig, build_offline_st_examples, run_offline_st
-from reftune.online_st import OnlineSTConfig, build_ce_batch, online_st_config_from_reft, run_online_st, split_even
-from reftune.ppo import ReFTConfig
-from reftune.rollout import ScoredRollout
-from reftune.sft import IGNORE, SFTConfig
+from reftune.engines.base import Rollout
+from reftune.trainers.offline_st import OfflineSTConfig, build_offline_st_examples, run_offline_st
+from reftune.trainers.online_st import OnlineSTConfig, build_ce_batch, online_st_config_from_reft, run_online_st, split_even
+from reftune.trainers.reft import ReFTConfig
+from reftune.trainers.rollout import ScoredRollout
+from reftune.trainers.sft import SFTConfig
+from reftune.trainers.supervised import IGNORE
 from reftune.tasks import Example, Graded, Task
 
 
@@ -98,7 +99,7 @@ def labelled_text(tokenizer, ids, labels) -> str:
 
 
 def test_online_st_ce_batch_covers_only_correct_samples_and_gold(small_task, tiny_model):
-    from reftune.modeling import load_tokenizer
+    from reftune.models import load_tokenizer
 
     tok = load_tokenizer(tiny_model)
     q1, q2 = small_task.train[0], small_task.train[1]
@@ -125,9 +126,8 @@ def test_token_mean_ce_of_several_lists_in_one_forward(small_task, tiny_model):
     `sft_loss` gives for that list alone (right padding never changes the real tokens' logits)."""
     from transformers import AutoModelForCausalLM
 
-    from reftune.modeling import load_tokenizer
-    from reftune.online_st import token_mean_ce
-    from reftune.sft import collate, encode_sft_example, sft_loss
+    from reftune.models import load_tokenizer
+    from reftune.trainers.supervised import collate, encode_sft_example, sft_loss, token_mean_ce
 
     tok = load_tokenizer(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()

@@ -114,7 +114,6 @@ def test_demo_quick(capsys, tmp_path):
     code, out, err = run_main(capsys, "demo", "--quick", "--out", out_dir, "threads=1", *quiet)
     wall = time.time() - start
     assert code == 0, err
-    assert wall < 30, f"demo --quick took {wall:.0f}s"
     summary = json.loads((out_dir / "summary.json").read_text())
     assert result_json(out) == summary  # printed as the command's result
     for name in ("warmup", "sft", "reft"):

@@ -15,10 +15,10 @@ import pytest
 from conftest import small_data, small_overrides
 
 from reftune.cli import main
-from reftune.compare import CompareConfig, check_samples_origin, paper_reference, run_compare
-from reftune.report import write_compare_report
-from reftune.reward_model import RewardModelConfig
-from reftune.sample import read_samples
+from reftune.compare.compare import CompareConfig, check_samples_origin, paper_reference, run_compare
+from reftune.compare.report import write_compare_report
+from reftune.trainers.reward_model import RewardModelConfig
+from reftune.inference.sample import read_samples
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -10,9 +10,9 @@ from conftest import small_data
 
 from reftune.config import ConfigError, apply_override, from_dict, load_config, save_config, to_dict
 from reftune.demo import DemoConfig
-from reftune.evaluate import EvalConfig
-from reftune.ppo import ReFTConfig
-from reftune.sft import SFTConfig
+from reftune.inference.evaluate import EvalConfig
+from reftune.trainers.reft import ReFTConfig
+from reftune.trainers.sft import SFTConfig
 from reftune.tasks import DataConfig
 from reftune.tiny import BuildTinyConfig
 
@@ -191,7 +191,7 @@ def test_saved_config_loads_back_identically(cls, tmp_path):
 
 def test_run_folder_gets_the_resolved_config(tmp_path, tiny_model, small_task):
     """The run folder's config.yaml holds every key with its final value (defaults included)."""
-    from reftune.sft import run_sft
+    from reftune.trainers.sft import run_sft
 
     cfg = load_config(SFTConfig, write(tmp_path, "epochs: 1\nbatch_size: 32\n"),
                       [f"model={tiny_model}", f"out_dir={tmp_path / 'run'}", "lr=1e-3", "eval_split=none",

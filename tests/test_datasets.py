@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reftune import grading
+from reftune import rewards
 from reftune.tasks.base import DataConfig, Example
 from reftune.tasks.datasets import (
     KNOWN_BAD_GOLD, DatasetError, Fields, convert_row, gold_failures, hf_rows_to_examples, load_dataset_task,
@@ -76,7 +76,7 @@ def test_release_test_sets(name, answer_type, rows):
         assert task.test[0].options == {"a": "38", "b": "27.675", "c": "30", "d": "data inadequate",
                                         "e": "none of these"}
     else:
-        assert all(grading.normalize_number(ex.answer) == ex.answer for ex in task.test)
+        assert all(rewards.normalize_number(ex.answer) == ex.answer for ex in task.test)
 
 
 # mathqa-numeric holds the same questions as mathqa with the gold option's value as the answer, so
@@ -98,7 +98,7 @@ def test_mathqa_options_match_mathqa_numeric_values():
     numeric = {ex.id.split("_")[1]: ex for ex in load_dataset_task(
         cfg(name="mathqa_numeric", style="program", test_only=True)).test}
     wrong = {ex.id for ex in mcq
-             if grading.match_option(float(numeric[ex.id.split("_")[1]].answer), ex.options, prefer=ex.answer)
+             if rewards.match_option(float(numeric[ex.id.split("_")[1]].answer), ex.options, prefer=ex.answer)
              != ex.answer}
     assert wrong == set(MATHQA_NUMERIC_LOSSY)
 

@@ -1,4 +1,4 @@
-"""Answer extraction, comparison, voting keys and the MathQA guard (reftune.grading)."""
+"""Answer extraction, comparison, voting keys and the MathQA guard (reftune.rewards)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 import reftune
-from reftune import grading
-from reftune.grading import (
+from reftune.rewards import (
     answer_key, clean_program, extract_answer, extract_answers, grade_batch, is_correct, normalize_number,
     option_value, parse_choice,
 )

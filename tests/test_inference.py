@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reftune.reward_model import (RewardModelConfig, load_reward_model, rerank_accuracy, rerank_curve, rerank_index,
-                                  rm_training_data, score_candidates, train_reward_model)
-from reftune.voting import ks_up_to, vote, vote_correct, vote_index, voting_accuracy, voting_curve
+from reftune.inference.rerank import load_reward_model, rerank_accuracy, rerank_curve, rerank_index, score_candidates
+from reftune.trainers.reward_model import RewardModelConfig, rm_training_data, train_reward_model
+from reftune.inference.voting import ks_up_to, vote, vote_correct, vote_index, voting_accuracy, voting_curve
 
 
 def record(answers, correct, gold="18"):

@@ -1,4 +1,4 @@
-"""ReFT's PPO loop (reftune.ppo.run_reft) end to end on the tiny model: it learns something, KL
+"""ReFT's PPO loop (reftune.trainers.reft.run_reft) end to end on the tiny model: it learns something, KL
 starts at 0, checkpoints load, resume is exact, the critic-free options and the KL variants run,
 and failures are loud.
 
@@ -20,8 +20,9 @@ from conftest import small_data
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from reftune import algorithms
-from reftune.ppo import ReFTConfig, run_reft
+from reftune.trainers import algorithms
+from reftune.trainers.loop import Callbacks
+from reftune.trainers.reft import ReFTConfig, run_reft
 from reftune.tasks import Graded, Task
 
 TIMING = ("seconds", "time")
@@ -197,23 +198,18 @@ def test_resume_is_exact(straight_run, warmup_model, parity_task, tmp_path):
 def test_resume_after_a_kill_between_checkpoints(straight_run, warmup_model, parity_task, tmp_path, monkeypatch):
     """B is killed during iteration 4, after iteration 3 was logged but not checkpointed: resume
     drops the orphan metrics record of iteration 3, redoes 3 and 4, and matches A exactly."""
-    import reftune.rollout
-
     a_dir, a = straight_run
     b_dir = tmp_path / "B"
-    real = reftune.rollout.step_questions
 
-    def killed_at_step_3(examples, step, per_step, seed):
-        if step == 3:
+    def killed_at_step_3(step):
+        if step == 3:  # 0-based: iteration 4, before its rollout
             raise KeyboardInterrupt
-        return real(examples, step, per_step, seed)
 
-    monkeypatch.setattr(reftune.rollout, "step_questions", killed_at_step_3)
     with pytest.raises(KeyboardInterrupt):
-        run_reft(reft_config(warmup_model, b_dir, steps=4, **RESUME), task=parity_task)
+        run_reft(reft_config(warmup_model, b_dir, steps=4, **RESUME), task=parity_task,
+                 callbacks=Callbacks(on_step_begin=killed_at_step_3))
     assert [r["step"] for r in records(b_dir)] == [1, 2, 3]
     assert json.loads((b_dir / "latest.json").read_text())["step"] == 2
-    monkeypatch.setattr(reftune.rollout, "step_questions", real)
     b = run_reft(reft_config(warmup_model, b_dir, steps=4, **RESUME), resume=True, task=parity_task)
     assert_same_run(a_dir, a, b_dir, b)
 

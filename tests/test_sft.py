@@ -1,4 +1,4 @@
-"""Warm-up SFT (reftune.sft): loss only on CoT + EOS, accumulation invariance, checkpoints, a tiny run."""
+"""Warm-up SFT (reftune.trainers.sft): loss only on CoT + EOS, accumulation invariance, checkpoints, a tiny run."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import torch
 import yaml
 from conftest import small_data
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from reftune import modeling
-from reftune.sft import IGNORE, SFTConfig, collate, encode_sft_example, linear_schedule, run_sft, sft_loss
+from reftune import models
+from reftune.trainers.sft import SFTConfig, run_sft
+from reftune.trainers.supervised import IGNORE, collate, encode_sft_example, linear_schedule, sft_loss
 
 
 @pytest.fixture(scope="module")
@@ -186,14 +187,14 @@ def test_epoch_checkpoint_round_trip(tiny_model, small_task, tmp_path, monkeypat
     model gave when it was saved."""
     probe = torch.tensor([[1, 5, 9, 20, 33, 60, 80, 2]])
     seen = []
-    real_save = modeling.save_hf
+    real_save = PreTrainedModel.save_pretrained
 
-    def spy(model, tokenizer, out_dir):
+    def spy(model, out_dir, *args, **kwargs):  # every checkpoint write goes through save_pretrained
         with torch.no_grad():
             seen.append(model(input_ids=probe).logits.clone())
-        real_save(model, tokenizer, out_dir)
+        real_save(model, out_dir, *args, **kwargs)
 
-    monkeypatch.setattr(modeling, "save_hf", spy)
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", spy)
     result = run_sft(sft_config(tiny_model, tmp_path / "run", epochs=2), task=small_task)
     assert len(seen) == 2 and set(result["checkpoints"]) == {1, 2}
     for epoch, logits in zip((1, 2), seen):
@@ -268,11 +269,11 @@ def test_bf16_mixed_precision_learns_with_fp32_weights(tiny_model, small_task, t
 
 def test_mixed_precision_modes():
     cpu = torch.device("cpu")
-    assert modeling.resolve_mixed_precision("no", cpu) is False
-    assert modeling.resolve_mixed_precision("bf16", cpu) is True
-    assert modeling.resolve_mixed_precision("auto", cpu) is modeling.cpu_has_native_bf16()
+    assert models.resolve_mixed_precision("no", cpu) is False
+    assert models.resolve_mixed_precision("bf16", cpu) is True
+    assert models.resolve_mixed_precision("auto", cpu) is models.cpu_has_native_bf16()
     with pytest.raises(ValueError, match="mixed_precision"):
-        modeling.resolve_mixed_precision("fp8", cpu)
+        models.resolve_mixed_precision("fp8", cpu)
 
 
 def test_empty_training_split_is_an_error(tiny_model, small_task, tmp_path):

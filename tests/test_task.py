@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from reftune.grading import extract_answer, grade_batch, is_correct
+from reftune.rewards import extract_answer, grade_batch, is_correct
 from reftune.tasks import DataConfig, load_task
 from reftune.tasks.arithmetic import _split_of, generate_examples, make_problem
 from reftune.tasks.base import NL_ANSWER_PREFIX, PROMPT_TEMPLATE

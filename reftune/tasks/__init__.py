@@ -1,4 +1,9 @@
-"""Tasks: the built-in arithmetic generator and real datasets, behind one `load_task`."""
+"""Tasks: the built-in arithmetic generator and real datasets, behind one `load_task`.
+
+Owns: a `Task`'s splits, its prompt format, its gold targets and how its completions are graded
+(`base.py`), the built-in generator (`arithmetic.py`), dataset loaders (`datasets.py`).
+May import: `reftune.types`, `reftune.rewards`; never engines, trainers or inference.
+"""
 
 from reftune.tasks.base import DataConfig, Example, Graded, Task
 

@@ -8,31 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from reftune.rewards.grading import grade_batch
+from reftune.types import Example, Graded
+
 PROMPT_TEMPLATE = "Question:\n{question}\nAnswer reasoning:\n"
 NL_ANSWER_PREFIX = "Therefore, the answer is:"
 STYLES = ("nl", "program")
 ANSWER_TYPES = ("number", "choice")
-
-
-@dataclass(frozen=True)
-class Example:
-    id: str
-    question: str
-    answer: str
-    """Gold final answer as text: a number ("29", "2.5") or an option letter ("c")."""
-    cot: str | None = None
-    """Gold chain of thought in the task's style, without EOS; None for test sets without CoT."""
-    options: dict[str, str] | None = None
-    """Multiple choice only: option letter -> option text ("a" -> "38")."""
-
-
-@dataclass(frozen=True)
-class Graded:
-    answer: str | None
-    """The extracted (normalised) answer, or None when nothing usable was extracted."""
-    correct: bool
-    reason: str = ""
-    """Why `answer` is None (e.g. 'timeout', 'no answer line'); empty otherwise."""
 
 
 @dataclass
@@ -142,10 +124,8 @@ class Task:
 
     def grade(self, completions: list[str], examples: list[Example]) -> list[Graded]:
         """Grade generated CoTs (as returned by the model for `prompt(ex, for_generation=True)`)."""
-        from reftune import grading  # imported here: grading pulls in the sandbox
-
         cots = [self.completion_text(ex, c) for ex, c in zip(examples, completions)]
-        return grading.grade_batch(
+        return grade_batch(
             cots, examples, style=self.style, answer_type=self.answer_type, choice_guard=self.choice_guard
         )
 

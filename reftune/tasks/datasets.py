@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from reftune import grading
+from reftune.rewards import answers, grading
 from reftune.tasks.base import NL_ANSWER_PREFIX, DataConfig, Example, Task
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def parse_options(question: str) -> dict[str, str] | None:
         except (ValueError, SyntaxError):
             pass
     marks, pos = [], 0
-    for letter in grading.LETTERS:
+    for letter in answers.LETTERS:
         m = re.compile(_OPTION_START.format(letter=letter)).search(line, pos)
         if m is None:
             break
@@ -116,7 +116,7 @@ def nl_target(cot: str, answer: str, answer_type: str) -> str | None:
     answer line gets `Therefore, the answer is: X` appended (the paper's format). None when the
     CoT's own answer line contradicts the gold answer."""
     cot = cot.rstrip()
-    if grading._answer_segment(cot) is None:
+    if answers.answer_segment(cot) is None:
         return f"{cot}\n{NL_ANSWER_PREFIX} {answer}"
     graded = grading.grade_batch([cot], [Example("", "", answer)], "nl", answer_type, choice_guard=False)[0]
     return cot if graded.correct else None
@@ -164,13 +164,13 @@ def convert_row(row: dict, index: int, *, fields: Fields, answer_type: str, styl
 
     options = None
     if answer_type == "choice":
-        answer = grading.parse_choice(raw_answer)
+        answer = answers.parse_choice(raw_answer)
         options = parse_options(question)
         if answer is None or (options is not None and answer not in options):
             raise DatasetError(f"{at}: gold answer {raw_answer!r} is not an option letter"
                                + (f" among {sorted(options)}" if options else ""))
     else:
-        answer = grading.normalize_number(raw_answer)
+        answer = answers.normalize_number(raw_answer)
         if answer is None:
             raise DatasetError(f"{at}: gold answer {raw_answer!r} is not a number")
 
@@ -376,10 +376,6 @@ def _resolve(cfg: DataConfig) -> tuple[str, Fields, Path | None, Path | None]:
 
 def load_dataset_task(cfg: DataConfig) -> Task:
     """The Task named by `cfg.name` (see DataConfig), with train/validation/test splits."""
-    if cfg.name == "arithmetic":
-        from reftune.tasks.arithmetic import load_arithmetic_task
-
-        return load_arithmetic_task(cfg)
     if cfg.style not in RELEASE_TRAIN_FILE:
         raise DatasetError(f"data.style must be nl or program, got {cfg.style!r}")
     stats = {"skipped_rows": 0, "dropped_known_bad_gold": 0, "dropped_inconsistent_cot": 0,

@@ -1,9 +1,12 @@
-"""Run folders and metrics: JSONL (always), TensorBoard (when installed), a tqdm progress bar."""
+"""Run folders on disk: claiming one, the metrics log (JSONL, plus TensorBoard when installed),
+atomic writes of JSON files and checkpoint folders, and the progress bar. No torch, no models."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -80,3 +83,24 @@ def progress(total: int, desc: str, disable: bool = False):
 
     return tqdm(total=total, desc=desc, disable=disable, dynamic_ncols=True,
                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+
+
+def atomic_save(save_fn, final_dir: str | Path) -> Path:
+    """Write a checkpoint folder into a temporary sibling, then rename it into place.
+
+    A kill while saving leaves at worst a stray `.tmp-*` folder; `final_dir` is either the old
+    complete checkpoint or the new complete one, never a half-written mix.
+    """
+    final_dir = Path(final_dir)
+    tmp = final_dir.with_name(f".tmp-{final_dir.name}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_fn(tmp)
+    old = final_dir.with_name(f".old-{final_dir.name}-{os.getpid()}")
+    if final_dir.exists():
+        final_dir.rename(old)
+    tmp.rename(final_dir)
+    if old.exists():
+        shutil.rmtree(old)
+    return final_dir

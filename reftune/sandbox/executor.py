@@ -2,7 +2,7 @@
 
 Each program is defined in a fresh namespace (one globals dict, so top-level helpers work) and its
 ``solution()`` is called; the returned value becomes the reward input. Programs run in a pool of
-persistent worker processes (``_sandbox_worker.py``, started with ``subprocess``: fork+exec of a clean
+persistent worker processes (``worker.py``, started with ``subprocess``: fork+exec of a clean
 ``python -s -B``, never a fork of the trainer, never torch), up to ``max_batch`` per round trip with
 results streamed back one by one, so a worker that dies or hangs costs exactly one program: the
 parent kills it, reports that program ("timeout"/"crashed"), starts a fresh worker and resubmits the
@@ -81,11 +81,11 @@ import weakref
 from collections import deque
 from dataclasses import dataclass
 
-from reftune._sandbox_worker import DEFAULT_MODULES, KEEP_ENV
+from reftune.sandbox.worker import DEFAULT_MODULES, KEEP_ENV
 
 __all__ = ["DEFAULT_MODULES", "ExecResult", "ProgramExecutor", "configure", "run_program", "run_programs", "shutdown"]
 
-_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_worker.py")
+_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
 _HEADER = struct.Struct(">I")
 _MAX_FRAME = 1 << 20  # a worker's results are small (strings are capped at 10k chars); more = misbehaving
 _STARTUP_S = 30.0  # allowance for a fresh worker to say hello (cold disk, loaded machine)

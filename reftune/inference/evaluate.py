@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from reftune.generation import Generator
+from reftune.engines.base import Generator
 from reftune.tasks import DataConfig, Example, Task
-from reftune.tracking import write_json
+from reftune.runs import write_json
 
 
 def evaluate(generator: Generator, task: Task, examples: list[Example], max_new_tokens: int = 256) -> tuple[dict, list[dict]]:
@@ -77,10 +77,10 @@ class EvalConfig:
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    from reftune.generation import make_generator
-    from reftune.modeling import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+    from reftune.engines import make_generator
+    from reftune.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
     from reftune.tasks import load_task
-    from reftune.tracking import start_run
+    from reftune.runs import start_run
 
     run_dir = start_run(cfg.out_dir, cfg)
     task = load_task(cfg.data)
@@ -91,7 +91,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, device, resolve_dtype(cfg.dtype, device))
     torch.manual_seed(cfg.seed)
-    generator = make_generator(cfg.engine, model, tokenizer, cfg.batch_size)
+    generator = make_generator(cfg.engine, model, tokenizer, cfg.batch_size, model_path=cfg.model)
     summary, predictions = evaluate(generator, task, splits[cfg.split], cfg.max_new_tokens)
     summary.update(model=cfg.model, task=task.name, split=cfg.split)
     save_predictions(run_dir, summary, predictions, cfg.split)

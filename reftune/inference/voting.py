@@ -15,7 +15,7 @@ guards included.
 
 from __future__ import annotations
 
-from reftune.grading import answer_key
+from reftune.rewards import answer_key
 
 
 def vote_index(answers: list, answer_type: str) -> int | None:

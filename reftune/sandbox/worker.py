@@ -1,6 +1,6 @@
 """Worker process of :mod:`reftune.sandbox` (read that module's docstring for the threat model).
 
-Started by the parent as ``python -s -B _sandbox_worker.py CONFIG_JSON`` with a scrubbed environment
+Started by the parent as ``python -s -B worker.py CONFIG_JSON`` with a scrubbed environment
 and a fresh temp dir as cwd. Standard library only: it must never import ``reftune`` (whose
 ``__init__`` may pull in torch) nor anything heavy that no program asked for.
 

@@ -14,33 +14,15 @@ folder resumes instead of starting over; a trained reward model in `out_dir/rm/`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reftune.reward_model import RewardModelConfig
+from reftune.compare.methods import DATASET_OF, METHOD_NAMES, METHODS, PAPER_RESULTS  # noqa: F401  (re-exported)
 from reftune.tasks import DataConfig, Task
-
-METHODS = ("warmup", "sft", "offline_st", "online_st", "reft")
-METHOD_NAMES = {"warmup": "Warm-up", "sft": "SFT", "offline_st": "Offline-ST", "online_st": "Online-ST", "reft": "ReFT"}
-
-# The paper's numbers (percent; top-1 / voting@100 / reranking@100), from ../shared/docs/reft-paper-notes.md.
-# None: not quoted there. The last three rows are SFT -> ReFT pairs whose backbone the notes do not record.
-PAPER_RESULTS = [
-    {"dataset": "gsm8k", "style": "program", "model": "CodeLlama-7B", "warmup": [63.00, None, None],
-     "sft": [63.68, 68.0, 77.0], "reft": [75.28, 78.0, 81.2]},
-    {"dataset": "gsm8k", "style": "program", "model": "Galactica-6.7B", "warmup": [48.37, None, None],
-     "sft": [58.83, 62.9, 73.4], "reft": [68.91, 71.9, 76.4]},
-    {"dataset": "gsm8k", "style": "nl", "model": "(not recorded)", "sft": [43.59, None, None],
-     "reft": [53.30, None, None]},
-    {"dataset": "svamp", "style": "program", "model": "(not recorded)", "sft": [75.40, None, None],
-     "reft": [79.19, None, None]},
-    {"dataset": "mathqa", "style": "nl", "model": "(not recorded)", "sft": [56.01, None, None],
-     "reft": [60.13, None, None]},
-]
-DATASET_OF = {"gsm8k": "gsm8k", "gsm8k_reft": "gsm8k", "svamp": "svamp", "mathqa": "mathqa"}
-
+from reftune.trainers.reward_model import RewardModelConfig
 
 def paper_reference(data_name: str, style: str) -> list[dict]:
     """The paper's rows for this dataset and CoT style (empty when the paper has none)."""
@@ -122,7 +104,7 @@ def reft_metrics(cfg: CompareConfig) -> list[dict]:
 def check_samples_origin(samples_path: Path, origin: dict) -> None:
     """Samples files resume across reruns; refuse one drawn from another checkpoint or with other
     settings (a sidecar `.origin.json` records them), instead of silently mixing the two."""
-    from reftune.tracking import write_json
+    from reftune.runs import write_json
 
     sidecar = samples_path.with_name(samples_path.name + ".origin.json")
     if samples_path.exists() and sidecar.exists():
@@ -136,7 +118,7 @@ def check_samples_origin(samples_path: Path, origin: dict) -> None:
 
 
 def _load(path: str, device, dtype):
-    from reftune.modeling import load_causal_lm, load_tokenizer
+    from reftune.models import load_causal_lm, load_tokenizer
 
     return load_causal_lm(path, device, dtype), load_tokenizer(path)
 
@@ -144,8 +126,8 @@ def _load(path: str, device, dtype):
 def _reward_model_records(cfg: CompareConfig, task: Task, out: Path, device, dtype, rm_records) -> list[dict] | None:
     """Training-split samples for the reward model: given, read from rm_samples, or drawn from the
     warm-up model (resumable); None when there is nothing to draw them from."""
-    from reftune.generation import make_generator
-    from reftune.sample import read_samples, sample_to_file
+    from reftune.engines import make_generator
+    from reftune.inference.sample import read_samples, sample_to_file
 
     if rm_records is not None:
         return rm_records
@@ -171,16 +153,16 @@ def _origin(cfg: CompareConfig, checkpoint: str, k: int) -> dict:
 def run_compare(cfg: CompareConfig, task: Task | None = None, rm_records: list[dict] | None = None) -> dict:
     """Evaluate every method given; returns (and writes) the comparison. `rm_records` (training-split
     samples records) skips sampling for the reward model."""
-    from reftune.evaluate import evaluate, save_predictions
-    from reftune.generation import make_generator
-    from reftune.modeling import resolve_device, resolve_dtype
-    from reftune.report import write_compare_report
-    from reftune.reward_model import (load_reward_model, reward_model_path, rerank_curve, rm_training_data,
-                                      score_records, train_reward_model)
-    from reftune.sample import pass_at_k, sample_accuracy, sample_to_file
+    from reftune.inference.evaluate import evaluate, save_predictions
+    from reftune.engines import make_generator
+    from reftune.models import resolve_device, resolve_dtype
+    from reftune.compare.report import write_compare_report
+    from reftune.inference.rerank import load_reward_model, rerank_curve, reward_model_path, score_records
+    from reftune.trainers.reward_model import rm_training_data, train_reward_model
+    from reftune.inference.sample import pass_at_k, sample_accuracy, sample_to_file
     from reftune.tasks import load_task
-    from reftune.tracking import start_run, write_json
-    from reftune.voting import voting_curve
+    from reftune.runs import start_run, write_json
+    from reftune.inference.voting import voting_curve
 
     # 1. Run folder, task, the methods to compare.
     start = time.time()
@@ -237,9 +219,9 @@ def run_compare(cfg: CompareConfig, task: Task | None = None, rm_records: list[d
         if not init or train_records is None:
             rm_info["note"] = "no reward model: give reward_model, or warmup (to sample) / rm_samples, and sft"
         else:
-            cfg.rm.model, cfg.rm.out_dir, cfg.rm.seed = init, str(out / "rm"), cfg.seed
-            cfg.rm.progress = cfg.rm.progress and cfg.progress
-            trained = train_reward_model(cfg.rm, *rm_training_data(task, train_records))
+            rm_cfg = dataclasses.replace(cfg.rm, model=init, out_dir=str(out / "rm"), seed=cfg.seed,
+                                         progress=cfg.rm.progress and cfg.progress)
+            trained = train_reward_model(rm_cfg, *rm_training_data(task, train_records))
             rm_path = trained["checkpoint"]
             rm_info.update(init=init, n_train=trained["n"], positive_fraction=trained["positive_fraction"],
                            history=trained["history"], seconds=round(time.time() - t0, 1))

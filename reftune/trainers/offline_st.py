@@ -10,12 +10,14 @@ warm-up model's own correct CoTs.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reftune.sample import check_same_questions
-from reftune.sft import SFTConfig
+from reftune.inference.sample import check_same_questions
 from reftune.tasks import DataConfig, Example, Task
+from reftune.trainers.sft import SFTConfig  # Offline-ST is SFT on a rebuilt dataset: it composes that trainer
 
 
 def _offline_sft() -> SFTConfig:
@@ -108,12 +110,12 @@ def run_offline_st(cfg: OfflineSTConfig, task: Task | None = None, samples: list
     Returns the SFT result ({"best_checkpoint", "checkpoints", "history", ...}) plus the data
     statistics {"n_gold", "n_kept", "questions_with_kept"}. `samples` (records) skips sampling.
     """
-    from reftune.generation import make_generator
-    from reftune.modeling import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
-    from reftune.sample import read_samples, sample_to_file
-    from reftune.sft import run_sft
+    from reftune.engines import make_generator
+    from reftune.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+    from reftune.inference.sample import read_samples, sample_to_file
+    from reftune.trainers.sft import run_sft
     from reftune.tasks import load_task
-    from reftune.tracking import start_run, write_json
+    from reftune.runs import start_run, write_json
 
     # 1. Run folder and task.
     if not cfg.base_model:
@@ -132,7 +134,8 @@ def run_offline_st(cfg: OfflineSTConfig, task: Task | None = None, samples: list
         device = resolve_device(cfg.device)
         tokenizer = load_tokenizer(cfg.warmup_model)
         model = load_causal_lm(cfg.warmup_model, device, resolve_dtype(cfg.dtype, device))
-        generator = make_generator(cfg.engine, model, tokenizer, cfg.gen_batch_size, seed=cfg.seed)
+        generator = make_generator(cfg.engine, model, tokenizer, cfg.gen_batch_size, seed=cfg.seed,
+                                   model_path=cfg.warmup_model)
         samples = sample_to_file(generator, task, task.train, run_dir / "train_samples.jsonl", cfg.k,
                                  cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.chunk_size, cfg.seed,
                                  cfg.progress)
@@ -147,13 +150,12 @@ def run_offline_st(cfg: OfflineSTConfig, task: Task | None = None, samples: list
 
     # 4. SFT from the base model on the union. With a step budget, Offline-ST gets the optimizer
     # steps of an SFT run on the gold CoTs alone (more data per epoch, so fewer epochs).
+    epochs = cfg.sft.epochs
     if cfg.step_budget_epochs > 0:
-        cfg.sft.epochs = max(1, round(cfg.step_budget_epochs * n_gold / len(examples)))
-        stats["epochs"] = cfg.sft.epochs
-    cfg.sft.model, cfg.sft.data, cfg.sft.seed = cfg.base_model, cfg.data, cfg.seed
-    cfg.sft.out_dir = str(run_dir / "sft")
-    cfg.sft.progress = cfg.sft.progress and cfg.progress
-    result = run_sft(cfg.sft, task=task, train_examples=examples)
+        epochs = stats["epochs"] = max(1, round(cfg.step_budget_epochs * n_gold / len(examples)))
+    sft_cfg = dataclasses.replace(cfg.sft, model=cfg.base_model, data=copy.deepcopy(cfg.data), seed=cfg.seed,
+                                  epochs=epochs, out_dir=str(run_dir / "sft"), progress=cfg.sft.progress and cfg.progress)
+    result = run_sft(sft_cfg, task=task, train_examples=examples)
     result = {**result, **stats}
     write_json(run_dir / "result.json", result)
     return result

@@ -139,7 +139,7 @@ def sample_to_file(generator, task: Task, examples: list[Example], path: str | P
     so an interrupted and resumed run writes the same samples as an uninterrupted one (same
     engine and device; the lines of a chunk cut halfway come in another order).
     """
-    from reftune.tracking import progress as progress_bar
+    from reftune.runs import progress as progress_bar
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,11 +202,11 @@ def check_resumable(cfg: SampleConfig) -> None:
 
 def run_sample(cfg: SampleConfig) -> dict:
     """Sample the split into `{out_dir}/{split}_samples.jsonl`; returns a summary (also saved)."""
-    from reftune.generation import make_generator
-    from reftune.modeling import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+    from reftune.engines import make_generator
+    from reftune.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
     from reftune.tasks import load_task
-    from reftune.tracking import start_run, write_json
-    from reftune.voting import voting_accuracy
+    from reftune.runs import start_run, write_json
+    from reftune.inference.voting import voting_accuracy
 
     # 1. Run folder (a rerun into the same folder resumes, if it samples the same way), task, split.
     if cfg.k < 1 or cfg.chunk_size < 1:
@@ -225,7 +225,7 @@ def run_sample(cfg: SampleConfig) -> dict:
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, device, resolve_dtype(cfg.dtype, device))
-    generator = make_generator(cfg.engine, model, tokenizer, cfg.batch_size, seed=cfg.seed)
+    generator = make_generator(cfg.engine, model, tokenizer, cfg.batch_size, seed=cfg.seed, model_path=cfg.model)
 
     # 3. Sample chunk by chunk, appending (and resuming) the file.
     start = time.time()

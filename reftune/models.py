@@ -1,21 +1,14 @@
-"""Loading models and tokenizers (any Hub id or local folder), the value head, and atomic saving.
-
-The policy for PPO is a plain `AutoModelForCausalLM` plus a separate `ValueHead` on its last
-hidden state (composition: the LM stays an ordinary HF model, so a checkpoint's `policy/` folder
-loads with `AutoModelForCausalLM.from_pretrained` and the value head is one extra file).
+"""Models as the library sees them: device, dtype and mixed-precision policy, loading any Hub id
+or local folder (model and tokenizer, with messages that name the path), and saving an HF folder.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from pathlib import Path
 
 import torch
-from torch import nn
-
-from reftune.generation import position_ids_from_mask
 
 
 class ModelLoadError(RuntimeError):
@@ -125,58 +118,6 @@ def autocast(enabled: bool, device: torch.device):
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-class ValueHead(nn.Module):
-    """V(s_t) from the last hidden state: dropout then a linear layer (as in the ReFT release)."""
-
-    def __init__(self, hidden_size: int, dropout: float = 0.1):
-        super().__init__()
-        self.dropout = nn.Dropout(dropout)
-        self.linear = nn.Linear(hidden_size, 1)
-        nn.init.zeros_(self.linear.weight)  # start at V=0: the first advantages equal the rewards
-        nn.init.zeros_(self.linear.bias)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.dropout(hidden)).squeeze(-1).float()
-
-
-def forward_logits_values(model, value_head: ValueHead | None, input_ids, attention_mask, response_start: int):
-    """One forward pass over prompt+response; returns logits and values for the response part.
-
-    Shapes: input_ids (B, P+R); returns logits (B, R, V) where logits[:, t] predicts response
-    token t, and values (B, R) = V(state before response token t), or None without a value head.
-    """
-    out = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-        output_hidden_states=value_head is not None, use_cache=False,
-    )
-    logits = out.logits[:, response_start - 1:-1]
-    values = None
-    if value_head is not None:
-        values = value_head(out.hidden_states[-1][:, response_start - 1:-1])
-    return logits, values
-
-
-def atomic_save(save_fn, final_dir: str | Path) -> Path:
-    """Write a checkpoint into a temporary sibling, then rename it into place.
-
-    A kill while saving leaves at worst a stray `.tmp-*` folder; `final_dir` is either the old
-    complete checkpoint or the new complete one, never a half-written mix.
-    """
-    final_dir = Path(final_dir)
-    tmp = final_dir.with_name(f".tmp-{final_dir.name}-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_fn(tmp)
-    old = final_dir.with_name(f".old-{final_dir.name}-{os.getpid()}")
-    if final_dir.exists():
-        final_dir.rename(old)
-    tmp.rename(final_dir)
-    if old.exists():
-        shutil.rmtree(old)
-    return final_dir
 
 
 def save_hf(model, tokenizer, out_dir: Path) -> None:

@@ -11,23 +11,24 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from reftune.tasks import DataConfig, Example, Task
+from reftune.engines import check_engine
+from reftune.inference.evaluate import evaluate
+from reftune.models import autocast, save_hf
+from reftune.runs import atomic_save, progress, write_json
+from reftune.tasks import Example, Task
+from reftune.trainers.loop import RunConfig, open_run
+from reftune.trainers.supervised import IGNORE, collate, encode_sft_example, linear_schedule, sft_loss, shuffled_batches
 
-IGNORE = -100  # label value that cross-entropy skips: prompt and padding positions
+SFT_EVAL_SPLITS = ("validation", "test", "none")
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(RunConfig):
     """`reftune sft`: fine-tune a causal LM on gold chains of thought."""
 
-    model: str = ""
-    """Base model: Hugging Face id or local folder."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Task and data files."""
     out_dir: str = "runs/sft"
     """Run folder: config, metrics, checkpoints."""
     epochs: int = 3
@@ -55,73 +56,15 @@ class SFTConfig:
     eval_batch_size: int = 64
     """Questions decoded at once in evaluation."""
     engine: str = "cached"
-    """Generation engine for evaluation: cached | hf."""
+    """Generation engine for evaluation (reftune.engines.ENGINES)."""
     log_every: int = 10
     """Optimizer steps between metric records."""
-    seed: int = 0
-    """Seed for data order and initialisation of anything random."""
-    device: str = "auto"
-    """auto | cpu | cuda | cuda:N"""
-    dtype: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16"""
-    mixed_precision: str = "no"
-    """Forward passes under bf16 autocast, weights and optimizer in fp32: no | bf16 | auto (where bf16 is native)."""
-    tensorboard: bool = True
-    """Also write TensorBoard events."""
-    progress: bool = True
-    """Show a progress bar."""
 
-
-def encode_sft_example(tokenizer, prompt: str, target: str, max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids of prompt + target + EOS and labels with the prompt masked out (IGNORE).
-
-    The loss falls on the CoT and the EOS only, as in the paper; the model must learn to stop.
-    """
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (prompt_ids + target_ids)[:max_length]
-    labels = ([IGNORE] * len(prompt_ids) + target_ids)[:max_length]
-    return ids, labels
-
-
-def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch: input_ids, attention_mask, labels (IGNORE on padding)."""
-    width = max(len(ids) for ids, _ in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (ids, lab) in enumerate(batch):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
-        attention_mask[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed token cross-entropy over labelled positions, and how many positions that was.
-
-    Returning the sum (not the mean) lets gradient accumulation divide by the token count of the
-    whole accumulated batch, so a micro-batch split never changes the loss.
-    """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    shift_logits = logits[:, :-1].float()
-    shift_labels = batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
-    return loss, int((shift_labels != IGNORE).sum())
-
-
-def linear_schedule(optimizer, total_steps: int, warmup_ratio: float):
-    """Linear warm-up to the peak LR over `warmup_ratio` of the steps, then linear decay to 0."""
-    warmup = max(1, int(total_steps * warmup_ratio))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def validate(self) -> None:
+        super().validate()
+        if self.eval_split not in SFT_EVAL_SPLITS:
+            raise ValueError(f"eval_split must be one of {', '.join(SFT_EVAL_SPLITS)}, got {self.eval_split!r}")
+        check_engine(self.engine)
 
 
 def run_sft(cfg: SFTConfig, task: Task | None = None, train_examples: list[Example] | None = None) -> dict:
@@ -130,25 +73,14 @@ def run_sft(cfg: SFTConfig, task: Task | None = None, train_examples: list[Examp
     `train_examples` replaces the task's training split (Offline self-training passes gold CoTs
     plus the model's own correct samples).
     """
-    from reftune.evaluate import evaluate
-    from reftune.generation import make_generator
-    from reftune.modeling import (atomic_save, autocast, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype,
-                                   resolve_mixed_precision, save_hf)
-    from reftune.tasks import load_task
-    from reftune.tracking import RunLogger, progress, start_run, write_json
+    # 1. Config and task checked, run folder, seeds, model, evaluation engine.
+    def check_task(task: Task) -> None:
+        if not (train_examples if train_examples is not None else task.train):
+            raise ValueError(f"task {task.name}: the training split is empty")
 
-    # 1. Run folder, seed, task, model.
-    device = resolve_device(cfg.device)
-    amp = resolve_mixed_precision(cfg.mixed_precision, device)
-    run_dir = start_run(cfg.out_dir, cfg)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    task = task or load_task(cfg.data)
+    run = open_run(cfg, task=task, engine=cfg.engine, gen_batch_size=cfg.eval_batch_size, check_task=check_task)
+    task, model, tokenizer, device, amp, run_dir = run.task, run.model, run.tokenizer, run.device, run.amp, run.run_dir
     examples = train_examples if train_examples is not None else task.train
-    if not examples:
-        raise ValueError(f"task {task.name}: the training split is empty")
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model, device, resolve_dtype(cfg.dtype, device))
     model.train()
 
     # 2. Tokenise once: (ids, labels) per example.
@@ -160,9 +92,7 @@ def run_sft(cfg: SFTConfig, task: Task | None = None, train_examples: list[Examp
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = linear_schedule(optimizer, total_steps, cfg.warmup_ratio)
     eval_examples = {"validation": task.validation, "test": task.test, "none": []}[cfg.eval_split]
-    generator = make_generator(cfg.engine, model, tokenizer, cfg.eval_batch_size)
-
-    logger = RunLogger(run_dir, cfg.tensorboard)
+    logger = run.logger
     order_rng = random.Random(cfg.seed)
     checkpoints, history = {}, []
     best_epoch, best_acc = None, -1.0
@@ -171,9 +101,7 @@ def run_sft(cfg: SFTConfig, task: Task | None = None, train_examples: list[Examp
     start = time.time()
     for epoch in range(1, cfg.epochs + 1):
         # 4. One epoch: shuffled micro-batches, token-weighted accumulation, clip, step.
-        order = list(range(len(data)))
-        order_rng.shuffle(order)
-        micro = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        micro = shuffled_batches(len(data), cfg.batch_size, order_rng)
         epoch_loss, epoch_tokens = 0.0, 0
         for group_start in range(0, len(micro), cfg.grad_accum):
             group = [collate([data[i] for i in idx], tokenizer.pad_token_id) for idx in micro[group_start:group_start + cfg.grad_accum]]
@@ -203,8 +131,9 @@ def run_sft(cfg: SFTConfig, task: Task | None = None, train_examples: list[Examp
 
         # 5. End of epoch: evaluate, checkpoint, remember the best epoch.
         record = {"epoch": epoch, "train_loss": epoch_loss / max(epoch_tokens, 1), "elapsed": round(time.time() - start, 1)}
+        run.generator.sync_weights()  # engines with their own copy of the weights evaluate this epoch's
         if eval_examples:
-            summary, _ = evaluate(generator, task, eval_examples, cfg.eval_max_new_tokens)
+            summary, _ = evaluate(run.generator, task, eval_examples, cfg.eval_max_new_tokens)
             record[f"{cfg.eval_split}_accuracy"] = summary["accuracy"]
             if summary["accuracy"] > best_acc:
                 best_epoch, best_acc = epoch, summary["accuracy"]
@@ -225,5 +154,5 @@ def run_sft(cfg: SFTConfig, task: Task | None = None, train_examples: list[Examp
         best_epoch = max(scored)[1] if eval_examples else max(saved)
     result = {"checkpoints": checkpoints, "best_epoch": best_epoch, "best_checkpoint": checkpoints[best_epoch],
               "history": history, "seconds": round(time.time() - start, 1)}
-    write_json(Path(run_dir) / "result.json", result)
+    write_json(run_dir / "result.json", result)
     return result

@@ -1,0 +1,49 @@
+"""Generation engines: one `Generator` interface (`base.py`), one file per engine, one registry.
+
+Owns: sampling CoTs from a policy and returning them as a `Rollout` (token ids + masks).
+May import: `reftune.batching` and third-party libraries; never tasks, rewards or trainers.
+
+Adding an engine: write `engines/<name>.py` with a class taking
+`(model, tokenizer, batch_size=..., seed=..., model_path=...)` and implementing `generate` and
+`sync_weights`, then add one line to `ENGINES`. Validation (`check_engine`), construction
+(`make_generator`) and the error message all read that dict.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from reftune.engines.base import Generator, Rollout  # noqa: F401  (the interface, re-exported)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    target: str
+    """`module:Class` of the engine, imported only when the engine is built."""
+    summary: str
+    """One line for `--help` and error messages."""
+
+
+ENGINES: dict[str, EngineSpec] = {
+    "cached": EngineSpec("reftune.engines.cached:CachedSampler", "built-in KV-cache sampler on the live policy"),
+    "hf": EngineSpec("reftune.engines.hf:HFGenerator", "transformers model.generate on the live policy"),
+    "vllm": EngineSpec("reftune.engines.vllm:VLLMGenerator", "vLLM in this process, weights synced in memory (reftune[vllm])"),
+}
+
+
+def check_engine(name: str, key: str = "engine") -> None:
+    """Refuse an unknown engine name, listing the registered ones."""
+    if name not in ENGINES:
+        known = ", ".join(f"{n} ({s.summary})" for n, s in ENGINES.items())
+        raise ValueError(f"{key} must be one of {', '.join(ENGINES)}, got {name!r}; engines: {known}")
+
+
+def make_generator(name: str, model, tokenizer, batch_size: int = 64, seed: int | None = None,
+                   model_path: str | None = None) -> Generator:
+    """Build engine `name` over `model` (whose weights live in folder `model_path`, for engines that
+    load their own copy)."""
+    check_engine(name)
+    module, cls = ENGINES[name].target.split(":")
+    engine = getattr(importlib.import_module(module), cls)
+    return engine(model, tokenizer, batch_size=batch_size, seed=seed, model_path=model_path)

@@ -1,0 +1,162 @@
+"""The interface every generation engine implements, and the `Rollout` it returns.
+
+Every engine returns token ids, not just text, because PPO must score exactly the tokens that were
+sampled (re-tokenising decoded text can give other tokens).
+
+Layout of a rollout (the one every trainer relies on):
+- `prompt_ids` (B, P): prompts LEFT-padded with the pad id; `prompt_mask` 1 on real prompt tokens.
+- `response_ids` (B, R): sampled tokens, RIGHT-padded after EOS; `response_mask` 1 on every
+  generated token up to and including EOS, 0 on padding.
+- rows come in groups: the `num_samples` samples of prompt i are rows i*n .. i*n+n-1.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from reftune.batching import pad, pad_with_mask
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    texts: list[str]
+    """Decoded responses without special tokens."""
+    prompt_index: list[int]
+    """Row -> index of its prompt in the list passed to `generate`."""
+    ended_with_eos: torch.Tensor
+    """(B,) bool: the response ended with EOS (False: cut at max_new_tokens)."""
+    sampling_logprobs: torch.Tensor | None = None
+    """(B, R) log-probs of the sampled tokens as the engine computed them, where it reports them
+    (vLLM); trainers use their own forward pass and log the gap to these."""
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+
+class Generator(Protocol):
+    """What trainers and evaluation need from a generation engine.
+
+    Engines are built by `reftune.engines.make_generator(name, model, tokenizer, ...)`.
+    """
+
+    def generate(
+        self, prompts: list[str], *, num_samples: int = 1, greedy: bool = False, temperature: float = 1.0,
+        top_p: float = 1.0, max_new_tokens: int = 256,
+    ) -> Rollout: ...
+
+    def sync_weights(self) -> None:
+        """Make the engine sample from the current policy weights (no-op when it shares them).
+        Every trainer calls it after each optimizer phase."""
+        ...
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: the first real token is position 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def cache_kwarg(model) -> str:
+    """The name of the KV-cache argument of `model.forward`: `cache` in current transformers
+    (`past_key_values` is deprecated there, removed in 5.40), `past_key_values` in older ones."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and mask (B, P)."""
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ids, mask = pad_with_mask(encoded, tokenizer.pad_token_id, side="left")
+    return ids.to(device), mask.to(device)
+
+
+def finish_rollout(tokenizer, prompt_ids, prompt_mask, sampled: torch.Tensor, prompt_index,
+                   sampling_logprobs: torch.Tensor | None = None) -> Rollout:
+    """Turn raw sampled ids (B, R) into a Rollout: mask after the first EOS, pad it, decode."""
+    eos, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    is_eos = sampled == eos
+    # A token is part of the response if no EOS came strictly before it.
+    eos_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    response_mask = (~eos_before).long()
+    response_ids = sampled.masked_fill(eos_before, pad_id)
+    ended = is_eos.any(-1)
+    # Trim columns that are padding in every row.
+    width = int(response_mask.sum(-1).max().item()) if sampled.shape[1] else 0
+    response_ids, response_mask = response_ids[:, :width], response_mask[:, :width]
+    if sampling_logprobs is not None:
+        sampling_logprobs = sampling_logprobs[:, :width].masked_fill(response_mask == 0, 0.0)
+    texts = tokenizer.batch_decode(
+        [row[m.bool() & (row != eos)].tolist() for row, m in zip(response_ids.cpu(), response_mask.cpu())],
+        skip_special_tokens=True,
+    )
+    return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, texts, list(prompt_index), ended,
+                   sampling_logprobs)
+
+
+def rollout_from_token_lists(tokenizer, prompt_rows: list[list[int]], responses: list[list[int]],
+                             prompt_index: list[int], device, logprobs: list[list[float]] | None = None) -> Rollout:
+    """A Rollout from per-row token lists, for engines that return lists (vLLM). `prompt_rows` has
+    one list per ROW; each response is cut after its first EOS (kept, as in `finish_rollout`)."""
+    eos, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    cut = [r[:r.index(eos) + 1] if eos in r else list(r) for r in responses]
+    ended = torch.tensor([bool(r) and r[-1] == eos for r in cut], dtype=torch.bool)
+    prompt_ids, prompt_mask = pad_with_mask(prompt_rows, pad_id, side="left")
+    response_ids, response_mask = pad_with_mask(cut, pad_id, side="right")
+    sampling_logprobs = None
+    if logprobs is not None:
+        rows = [[float(x) for x in lp[:len(r)]] for lp, r in zip(logprobs, cut)]
+        sampling_logprobs = torch.zeros(response_ids.shape, dtype=torch.float32)
+        for i, row in enumerate(rows):
+            sampling_logprobs[i, :len(row)] = torch.tensor(row, dtype=torch.float32)
+    texts = tokenizer.batch_decode([r[:-1] if e else r for r, e in zip(cut, ended.tolist())],
+                                   skip_special_tokens=True)
+    return Rollout(prompt_ids.to(device), prompt_mask.to(device), response_ids.to(device), response_mask.to(device),
+                   texts, list(prompt_index), ended, sampling_logprobs)
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Stack rollouts of different widths: prompts re-left-padded, responses re-right-padded."""
+    if len(parts) == 1:
+        return parts[0]
+    P = max(r.prompt_ids.shape[1] for r in parts)
+    R = max(r.response_ids.shape[1] for r in parts)
+
+    def widen(t, width, value, left):
+        extra = width - t.shape[1]
+        if extra == 0:
+            return t
+        filler = torch.full((t.shape[0], extra), value, dtype=t.dtype, device=t.device)
+        return torch.cat([filler, t] if left else [t, filler], dim=1)
+
+    logprobs = None
+    if all(r.sampling_logprobs is not None for r in parts):
+        logprobs = torch.cat([widen(r.sampling_logprobs, R, 0.0, False) for r in parts])
+    return Rollout(
+        torch.cat([widen(r.prompt_ids, P, pad_id, True) for r in parts]),
+        torch.cat([widen(r.prompt_mask, P, 0, True) for r in parts]),
+        torch.cat([widen(r.response_ids, R, pad_id, False) for r in parts]),
+        torch.cat([widen(r.response_mask, R, 0, False) for r in parts]),
+        [t for r in parts for t in r.texts],
+        [i for r in parts for i in r.prompt_index],
+        torch.cat([r.ended_with_eos for r in parts]),
+        logprobs,
+    )
+
+
+def expand_prompts(prompts: list[str], num_samples: int) -> tuple[list[str], list[int]]:
+    """Rows in groups: each prompt repeated `num_samples` times, and each row's prompt index."""
+    rows = [p for p in prompts for _ in range(num_samples)]
+    index = [i for i in range(len(prompts)) for _ in range(num_samples)]
+    return rows, index

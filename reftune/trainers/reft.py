@@ -1,0 +1,191 @@
+"""ReFT: PPO from the warm-up checkpoint with answer-correctness rewards (the paper's stage 2).
+
+The whole algorithm is `run_reft`, a plain loop with numbered steps. The math lives in
+`algorithms` (pure functions) and `advantages` (the estimator registry); the run folder, resume,
+evaluation and checkpoints in `loop`; sampling and scoring in `rollout`.
+Defaults reproduce the authors' release; the options beyond it (several samples per prompt,
+k3 KL, KL as a loss, critic-free GRPO/RLOO advantages) are off by default.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from reftune.models import autocast, load_causal_lm
+from reftune.rewards.score import RewardSpec
+from reftune.tasks import Task
+from reftune.trainers import algorithms as A
+from reftune.trainers.advantages import get_estimator
+from reftune.trainers.loop import Callbacks, OnlineConfig, OnlineRun
+from reftune.trainers.policy import ValueHead, policy_forward
+from reftune.trainers.rollout import sample_and_score, step_questions
+
+KL_COEF_BY_STYLE = {"nl": 0.05, "program": 0.01}  # the release's defaults (0.01 for MathQA-numeric N-CoT)
+KL_ESTIMATORS = ("k1", "k3")
+
+
+@dataclass
+class ReFTConfig(OnlineConfig):
+    """`reftune train`: PPO from a warm-up SFT checkpoint (ReFT)."""
+
+    model: str = ""
+    """Warm-up SFT checkpoint (policy init and, unless ref_model is set, the frozen reference)."""
+    ref_model: str = ""
+    """Frozen reference for the KL penalty (empty: the same checkpoint as `model`)."""
+    out_dir: str = "runs/reft"
+    """Run folder: config, metrics, checkpoints."""
+    ppo_epochs: int = 2
+    """Passes over each rollout batch."""
+    advantage: str = "gae"
+    """gae (the paper: value head + GAE) | grpo | rloo (critic-free, no value head)."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Whiten GAE advantages over all response tokens of the rollout batch."""
+    clip: float = 0.2
+    """Policy ratio clip."""
+    vf_clip: float = 0.2
+    """Value clip around the rollout-time values."""
+    vf_coef: float = 5.0
+    """Weight of the value loss (the release: 5)."""
+    value_dropout: float = 0.1
+    """Dropout before the value head's linear layer."""
+    kl_coef: float | None = None
+    """KL weight; None: 0.05 for nl, 0.01 for program CoTs (the release)."""
+    kl_estimator: str = "k1"
+    """k1 (log-ratio, the paper) | k3 (non-negative, low variance)."""
+    kl_in_reward: bool = True
+    """True: -kl_coef*KL in every token's reward (the paper). False: kl_coef*KL as a loss term."""
+    score_correct: float = 1.0
+    """Reward of a correct answer."""
+    score_wrong: float = 0.1
+    """Reward of an extracted but wrong answer."""
+    score_none: float = 0.0
+    """Reward when no answer could be extracted."""
+
+    @property
+    def reward(self) -> RewardSpec:
+        return RewardSpec(self.score_correct, self.score_wrong, self.score_none)
+
+    @property
+    def kl_in_loss(self) -> bool:
+        """Where the KL acts, decided once: in the loss when asked, or when there is no critic
+        (critic-free estimators have no per-token credit for a KL-shaped reward)."""
+        return not self.kl_in_reward or not get_estimator(self.advantage, self.samples_per_prompt).uses_value_head
+
+    def validate(self) -> None:
+        super().validate()
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
+        get_estimator(self.advantage, self.samples_per_prompt)
+        if self.questions_per_step * self.samples_per_prompt < self.mini_batch_size:
+            raise ValueError("mini_batch_size is larger than the rollout batch (questions_per_step * samples_per_prompt)")
+
+
+def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
+             callbacks: Callbacks | None = None) -> dict:
+    """Train with PPO; returns {"best_checkpoint", "best_accuracy", "last_checkpoint", "kl_coef", "history"}."""
+    # 1. Config checked, run folder, task, seeds, policy (warm-up model or last checkpoint), engine.
+    run = OnlineRun(cfg, "reft", resume=resume, task=task, callbacks=callbacks)
+    model, device, amp = run.model, run.device, run.amp
+    estimator = get_estimator(cfg.advantage, cfg.samples_per_prompt)
+    kl_coef = cfg.kl_coef if cfg.kl_coef is not None else KL_COEF_BY_STYLE[run.task.style]
+
+    # 2. Frozen reference, value head on the shared backbone, optimizer (restored when resuming).
+    dtype = next(model.parameters()).dtype
+    ref_model = load_causal_lm(cfg.ref_model or cfg.model, device, dtype).eval().requires_grad_(False)
+    value_head = None
+    if estimator.uses_value_head:
+        value_head = ValueHead(model.config.hidden_size, cfg.value_dropout).to(device, dtype)  # dtype: bf16 hidden states
+    params = list(model.parameters()) + (list(value_head.parameters()) if value_head is not None else [])
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    run.attach(optimizer, value_head)
+
+    for step in run.steps():
+        t0 = time.time()
+        # 3. Rollout: sample CoTs for this step's questions and score the answers.
+        questions = step_questions(run.task.train, step, cfg.questions_per_step, cfg.seed)
+        scored = sample_and_score(run.generator, run.task, questions, cfg.samples_per_prompt, cfg.temperature,
+                                  cfg.top_p, cfg.max_new_tokens, cfg.reward)
+        ro = scored.rollout
+        input_ids, attention_mask = ro.input_ids, ro.attention_mask
+        response_mask, P = ro.response_mask.float(), ro.prompt_ids.shape[1]
+        t_gen = time.time() - t0
+
+        # 4. Log-probs and values of the sampled tokens under the policy (old) and the reference;
+        # the per-token KL once, for the reward and the logs.
+        with torch.no_grad(), autocast(amp, device):
+            model.eval()
+            if value_head is not None:
+                value_head.eval()
+            old_logprobs, old_values, _ = policy_forward(model, value_head, input_ids, attention_mask, ro.response_ids,
+                                                         P, cfg.temperature)
+            ref_logprobs, _, _ = policy_forward(ref_model, None, input_ids, attention_mask, ro.response_ids, P,
+                                                cfg.temperature)
+            kl = A.kl_penalty(old_logprobs, ref_logprobs, cfg.kl_estimator)
+            mean_kl = float(A.masked_sum(kl, response_mask) / max(len(questions) * cfg.samples_per_prompt, 1))
+            if not math.isfinite(mean_kl):
+                run.fail("KL to the reference", mean_kl, step)
+            # 5. Rewards and advantages (GAE with the value head, or group-relative without).
+            scores = scored.scores.to(device)
+            advantages, returns = estimator.estimate(scores, kl, old_values, response_mask, cfg, kl_coef)
+
+        # 6. PPO epochs over shuffled mini-batches.
+        model.train()
+        if value_head is not None:
+            value_head.train()
+        stats: dict[str, list[float]] = {}
+        B = input_ids.shape[0]
+        for _ in range(cfg.ppo_epochs):
+            for idx in torch.randperm(B).split(cfg.mini_batch_size):
+                mb_mask = response_mask[idx]
+                with autocast(amp, device):
+                    logprobs, values, logits = policy_forward(model, value_head, input_ids[idx], attention_mask[idx],
+                                                              ro.response_ids[idx], P, cfg.temperature)
+                pg_loss, pg_stats = A.ppo_policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.clip)
+                loss = pg_loss
+                if value_head is not None:
+                    vf_loss, vf_stats = A.ppo_value_loss(values, old_values[idx], returns[idx], mb_mask, cfg.vf_clip)
+                    loss = loss + cfg.vf_coef * vf_loss
+                    pg_stats = {**pg_stats, **vf_stats, "vf_loss": vf_loss.detach()}
+                if cfg.kl_in_loss:
+                    kl_loss = A.sequence_mean(A.kl_penalty(logprobs, ref_logprobs[idx], cfg.kl_estimator), mb_mask)
+                    loss = loss + kl_coef * kl_loss
+                if not torch.isfinite(loss):
+                    run.fail("loss", loss.item(), step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                with torch.no_grad():
+                    entropy = A.masked_mean(A.entropy_from_logits(logits.detach()), mb_mask)
+                optimizer.step()
+                for k, v in {**pg_stats, "pg_loss": pg_loss.detach(), "entropy": entropy, "grad_norm": grad_norm}.items():
+                    stats.setdefault(k, []).append(float(v))
+
+        # 7. Metrics of this iteration.
+        n_rows = len(scored.graded)
+        metrics = {
+            "reft/score": float(scored.scores.mean()),
+            "reft/accuracy": sum(g.correct for g in scored.graded) / n_rows,
+            "reft/answered": sum(g.answer is not None for g in scored.graded) / n_rows,
+            "reft/kl": mean_kl,
+            "reft/response_length": float(response_mask.sum(-1).mean()),
+            "reft/lr": optimizer.param_groups[0]["lr"],
+            "reft/seconds": time.time() - t0,
+            "reft/seconds_generate": t_gen,
+            **{f"reft/{k}": sum(v) / len(v) for k, v in stats.items()},
+        }
+        if value_head is not None:
+            metrics["reft/value_explained_var"] = float(A.explained_variance(old_values, returns, response_mask))
+        if ro.sampling_logprobs is not None:  # engines with their own numerics (vLLM): how far they are
+            gap = (ro.sampling_logprobs.to(device) - old_logprobs).abs()
+            metrics["reft/engine_logprob_gap"] = float(A.masked_mean(gap, response_mask))
+        # 8. Engine sync, periodic evaluation + best policy, history, log, resumable checkpoint.
+        run.end_step(step, metrics, postfix=dict(score=f"{metrics['reft/score']:.3f}", kl=f"{mean_kl:.3f}"))
+    return run.finish(kl_coef=kl_coef)
