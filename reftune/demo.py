@@ -98,20 +98,82 @@ class DemoConfig:
     reward_model: RewardModelConfig = field(default_factory=_demo_reward_model)
     """Reward model for reranking, initialised from the SFT checkpoint (model and out_dir are set by the demo)."""
 
+    def validate(self, prefix: str = "") -> None:
+        from reftune.validate import Checks
 
-def apply_quick(cfg: DemoConfig) -> DemoConfig:
-    """A copy of `cfg` shrunk so the demo runs in well under a minute (for tests)."""
-    r = dataclasses.replace
-    return r(cfg, warmup_epoch=1, train_samples_k=2, offline_st_epochs=1, compare_k=4,
-             data=r(cfg.data, n_train=64, n_test=32, validation_size=16),
-             tiny=r(cfg.tiny, hidden_size=32, intermediate_size=64, num_layers=2, vocab_size=300),
-             sft=r(cfg.sft, epochs=2, batch_size=16, eval_max_new_tokens=40),
-             reft=r(cfg.reft, steps=2, questions_per_step=8, mini_batch_size=4, eval_every=2, save_every=2,
-                    max_new_tokens=40, eval_max_new_tokens=40),
-             reward_model=r(cfg.reward_model, epochs=1))
+        c = Checks(self, prefix)
+        c.out_dir().bool("quick", "baselines").int("seed", 0, 2**32 - 1).int("threads", 0, note="0: torch's default")
+        c.int("train_samples_k", 1).int("offline_st_epochs", 0).int("offline_st_max_per_question", 0)
+        c.int("compare_k", 1)
+        self.data.validate("data.")
+        self.tiny.validate("tiny.")
+        self.sft.validate("sft.")
+        self.reft.validate("reft.")
+        self.reward_model.validate("reward_model.")
+        c.int("warmup_epoch", 1, self.sft.epochs, note="an epoch of the SFT run, 1 to sft.epochs")
+        by = "the demo (from data.*, seed, and its own stage folders)"
+        for section, default in (("sft", SFTConfig()), ("reft", ReFTConfig()), ("reward_model", RewardModelConfig())):
+            c.derived(section, {"model": (default.model,), "out_dir": (getattr(DemoConfig(), section).out_dir,),
+                                "seed": (default.seed, self.seed)}, by)
+        c.derived("sft", {"data": (DataConfig(), self.data)}, by).derived("reft", {"data": (DataConfig(), self.data)}, by)
 
 
-def run_demo(cfg: DemoConfig) -> dict:
+# `--quick`: the preset that shrinks the demo to seconds (for tests). Dotted keys, so keys the user
+# set (in a config file or as overrides) can win over it.
+QUICK = {
+    "warmup_epoch": 1, "train_samples_k": 2, "offline_st_epochs": 1, "compare_k": 4,
+    "data.n_train": 64, "data.n_test": 32, "data.validation_size": 16,
+    "tiny.hidden_size": 32, "tiny.intermediate_size": 64, "tiny.num_layers": 2, "tiny.vocab_size": 300,
+    "sft.epochs": 2, "sft.batch_size": 16, "sft.eval_max_new_tokens": 40,
+    "reft.steps": 2, "reft.questions_per_step": 8, "reft.mini_batch_size": 4, "reft.eval_every": 2,
+    "reft.save_every": 2, "reft.max_new_tokens": 40, "reft.eval_max_new_tokens": 40,
+    "reward_model.epochs": 1,
+}
+
+
+def apply_quick(cfg: DemoConfig, explicit: set[str] | None = None) -> DemoConfig:
+    """A copy of `cfg` shrunk so the demo runs in well under a minute (for tests). Keys in `explicit`
+    (what the user set) are kept; without it, a value that differs from the demo's default counts
+    as set by the user."""
+    out = copy.deepcopy(cfg)
+    default = DemoConfig()
+    for key, value in QUICK.items():
+        section, _, leaf = key.rpartition(".")
+        target, base = (getattr(out, section), getattr(default, section)) if section else (out, default)
+        user_set = key in explicit if explicit is not None else getattr(target, leaf) != getattr(base, leaf)
+        if not user_set:
+            setattr(target, leaf, value)
+    return out
+
+
+def run_demo(cfg: DemoConfig, overwrite: bool = False, explicit: set[str] | None = None) -> dict:
+    """Every stage into `cfg.out_dir` (see the module doc). A folder that holds a demo run is
+    refused unless `overwrite`; `explicit`: the keys the user set, which `--quick` leaves alone."""
+    from reftune.runs import claim_run
+
+    start = time.time()
+    # stage configs below are derived, never the caller's
+    cfg = apply_quick(cfg, explicit) if cfg.quick else copy.deepcopy(cfg)
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    with claim_run(cfg.out_dir, "reftune demo") as folder:
+        out = folder.path
+        held = [stage for stage in ("tiny", "sft", "reft", "offline_st", "online_st", "compare", "eval", "summary.json")
+                if (out / stage).exists()]
+        if held and not overwrite:
+            raise FileExistsError(f"{out} already holds a demo run ({', '.join(held[:3])}); choose another --out, "
+                                  f"or pass --overwrite to replace it")
+        if overwrite:
+            folder.clear()
+        r = dataclasses.replace
+        cfg = r(cfg, data=r(cfg.data, seed=cfg.seed), tiny=r(cfg.tiny, seed=cfg.seed), sft=r(cfg.sft, seed=cfg.seed),
+                reft=r(cfg.reft, seed=cfg.seed), reward_model=r(cfg.reward_model, seed=cfg.seed))
+        folder.begin(cfg)
+        return _run_stages(cfg, out, start)
+
+
+def _run_stages(cfg: DemoConfig, out: Path, start: float) -> dict:
     from reftune.compare.compare import METHODS, CompareConfig, run_compare
     from reftune.trainers.offline_st import OfflineSTConfig, run_offline_st
     from reftune.trainers.online_st import online_st_config_from_reft, run_online_st
@@ -120,22 +182,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     from reftune.trainers.sft import run_sft
     from reftune.tasks import load_task
     from reftune.tiny import build_tiny_model, tokenizer_corpus
-    from reftune.runs import start_run, write_json
+    from reftune.runs import write_json
 
-    start = time.time()
-    cfg = apply_quick(cfg) if cfg.quick else copy.deepcopy(cfg)  # stage configs below are derived, never the caller's
-    if not 1 <= cfg.warmup_epoch <= cfg.sft.epochs:
-        raise ValueError(f"warmup_epoch must be between 1 and sft.epochs={cfg.sft.epochs}, got {cfg.warmup_epoch}")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out_dir)
-    for stage in ("tiny", "sft", "reft", "offline_st", "online_st", "compare"):
-        if (out / stage).exists():
-            raise FileExistsError(f"{out} already holds a demo run ({out / stage}); choose another --out or delete it")
     r = dataclasses.replace
-    cfg = r(cfg, data=r(cfg.data, seed=cfg.seed), tiny=r(cfg.tiny, seed=cfg.seed), sft=r(cfg.sft, seed=cfg.seed),
-            reft=r(cfg.reft, seed=cfg.seed), reward_model=r(cfg.reward_model, seed=cfg.seed))
-    start_run(out, cfg)
     task = load_task(cfg.data)
     print(f"[demo] task {task.name} ({task.style} CoT): {len(task.train)} train, {len(task.validation)} validation, "
           f"{len(task.test)} test questions", flush=True)

@@ -34,14 +34,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
-def _check_model_path(name_or_path: str) -> None:
-    """A path-looking name that does not exist is a typo, not a Hub id: say so before HF does."""
-    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1] \
-        or name_or_path.count("/") > 1
-    if not name_or_path:
-        raise ModelLoadError("no model given: set `model` to a Hugging Face id or a local folder")
-    if looks_local and not Path(name_or_path).expanduser().exists():
-        raise ModelLoadError(f"model path not found: {name_or_path}")
+def _check_model_path(name_or_path: str, tokenizer: bool = True) -> None:
+    """A path-looking name that does not exist is a typo, not a Hub id, and a local folder must hold
+    config, weights and tokenizer files: say which is missing before HF does (model_files)."""
+    from reftune.model_files import check_model_source
+
+    check_model_source(name_or_path, tokenizer=tokenizer)
 
 
 def quiet_transformers() -> None:
@@ -120,6 +118,13 @@ def autocast(enabled: bool, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def save_hf(model, tokenizer, out_dir: Path) -> None:
-    model.save_pretrained(out_dir)
+def save_hf(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> None:
+    """An HF folder (config, weights, tokenizer); `state_dict` replaces the model's own (a sharded
+    model's gathered weights)."""
+    if state_dict is not None and getattr(model.config, "tie_word_embeddings", False):
+        # A gathered state dict holds tied weights under both names; the saved folder keeps one, as
+        # save_pretrained does for the model's own.
+        tied = getattr(model, "_tied_weights_keys", None) or []
+        state_dict = {k: v for k, v in state_dict.items() if k not in tied}
+    model.save_pretrained(out_dir, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(out_dir)

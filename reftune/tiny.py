@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from reftune.runs import atomic_save
+
 from reftune.tasks import DataConfig
 
 
@@ -35,6 +37,21 @@ class TinyModelConfig:
     """Longest sequence the model accepts."""
     seed: int = 0
     """Seed for the random initial weights."""
+
+    def validate(self, prefix: str = "model.") -> None:
+        from reftune.validate import Checks
+
+        c = Checks(self, prefix)
+        c.int("vocab_size", 259, note="byte-level BPE: 256 byte tokens + 3 special tokens at least")
+        c.int("hidden_size", 2).int("intermediate_size", 1).int("num_layers", 1).int("num_heads", 1)
+        c.int("max_position_embeddings", 16).int("seed", 0, 2**32 - 1)
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
+            c.fail("num_heads", f"must divide hidden_size={self.hidden_size} into heads of an even size "
+                                f"(rotary embeddings), e.g. num_heads={_heads_hint(self.hidden_size)}")
+
+
+def _heads_hint(hidden: int) -> int:
+    return next((h for h in (8, 4, 2, 1) if hidden % h == 0 and (hidden // h) % 2 == 0), 1)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -86,11 +103,15 @@ def build_tiny_model(out_dir: str | Path, texts: list[str], cfg: TinyModelConfig
     )
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(model_cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / "reftune_tiny.json").write_text(json.dumps(asdict(cfg), indent=2))
-    return out_dir
+
+    def write(d: Path) -> None:
+        model.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        (d / "reftune_tiny.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    # Written beside the target and swapped in whole: a kill never leaves half a model folder.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_save(write, out_dir)
 
 
 def tokenizer_corpus(task) -> list[str]:
@@ -111,9 +132,28 @@ class BuildTinyConfig:
     model: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Model size."""
 
+    def validate(self, prefix: str = "") -> None:
+        from reftune.validate import Checks
 
-def run_build_tiny(cfg: BuildTinyConfig) -> dict:
+        Checks(self, prefix).out_dir()
+        self.data.validate(prefix + "data.")
+        self.model.validate(prefix + "model.")
+
+
+def run_build_tiny(cfg: BuildTinyConfig, overwrite: bool = False) -> dict:
+    """Build the model into `cfg.out_dir`; a folder that already holds something is refused unless
+    `overwrite` (then the new model replaces it in one swap)."""
+    from reftune.runs import LOCK_NAME, RunFolderError, claim_run
     from reftune.tasks import load_task
 
-    path = build_tiny_model(cfg.out_dir, tokenizer_corpus(load_task(cfg.data)), cfg.model)
+    cfg.validate()
+    texts = tokenizer_corpus(load_task(cfg.data))
+    with claim_run(cfg.out_dir, "reftune build-tiny") as folder:
+        held = sorted(p.name for p in folder.path.iterdir() if p.name != LOCK_NAME)
+        if held and not overwrite:
+            kind = "a model" if "config.json" in held else "files"
+            raise RunFolderError(f"{folder.path} already holds {kind} ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): "
+                                 f"choose another --out, or pass --overwrite to replace it")
+        folder.begin()
+        path = build_tiny_model(cfg.out_dir, texts, cfg.model)
     return {"model": str(path)}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -87,6 +88,7 @@ def test_compare_html_is_self_contained(comparison):
 def test_compare_html_opens_in_headless_chromium(comparison, tmp_path):
     exe = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
     if exe is None:
+        assert not os.environ.get("REFTUNE_REQUIRE_BROWSER"), "REFTUNE_REQUIRE_BROWSER is set but chromium is missing"
         pytest.skip("chromium is not installed on this machine (not on PATH): the headless rendering check "
                     "needs a browser; the HTML and its images are still checked by test_compare_html_is_self_contained")
     out, _ = comparison

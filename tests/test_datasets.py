@@ -4,6 +4,7 @@ reproduction: every gold CoT graded by our own grader must give back its gold an
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ from reftune.tasks.datasets import (
 )
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data not found at {DATA}")
+# Only the tests that read the shared files need them; the conversion and bad-input tests make their own.
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data not found at {DATA}")
 
 
 def cfg(**kw) -> DataConfig:
@@ -26,6 +28,7 @@ def cfg(**kw) -> DataConfig:
 
 # ---------------------------------------------------------------------------------------------- real files
 
+@needs_data
 def test_svamp_nl_and_program():
     nl = load_dataset_task(cfg(name="svamp", style="nl"))
     assert (nl.style, nl.answer_type, len(nl.test), len(nl.validation)) == ("nl", "number", 1000, 200)
@@ -42,6 +45,7 @@ def test_svamp_nl_and_program():
     assert prog.train[0].cot.startswith("def solution():")
 
 
+@needs_data
 def test_svamp_train_and_test_do_not_overlap():
     """Checked: no SVAMP training row shares an item_id or question text with the test set."""
     test = json.loads((DATA / "reft" / "svamp_test_set.json").read_text())
@@ -53,6 +57,7 @@ def test_svamp_train_and_test_do_not_overlap():
     assert load_dataset_task(cfg(name="svamp", style="nl")).stats["dropped_test_overlap"] == 0
 
 
+@needs_data
 def test_gsm8k_original_files():
     task = load_dataset_task(cfg(name="gsm8k", style="nl", validation_size=100))
     assert len(task.train) + len(task.validation) == 7473 and len(task.test) == 1319
@@ -64,6 +69,7 @@ def test_gsm8k_original_files():
         load_dataset_task(cfg(name="gsm8k", style="program"))
 
 
+@needs_data
 @pytest.mark.parametrize("name, answer_type, rows", [
     ("mathqa", "choice", 1605), ("mathqa_numeric", "number", 1605), ("gsm8k_reft", "number", 1319),
     ("svamp", "number", 1000)])
@@ -93,6 +99,7 @@ MATHQA_NUMERIC_LOSSY = {
 }
 
 
+@needs_data
 def test_mathqa_options_match_mathqa_numeric_values():
     mcq = load_dataset_task(cfg(name="mathqa", style="program", test_only=True)).test
     numeric = {ex.id.split("_")[1]: ex for ex in load_dataset_task(
@@ -103,6 +110,7 @@ def test_mathqa_options_match_mathqa_numeric_values():
     assert wrong == set(MATHQA_NUMERIC_LOSSY)
 
 
+@needs_data
 def test_missing_training_file_names_path_and_data_dir():
     # The release's MathQA training files are not in ../shared/data.
     with pytest.raises(DatasetError, match=r"mathqa_nl\.json.*data_dir"):
@@ -111,6 +119,7 @@ def test_missing_training_file_names_path_and_data_dir():
         load_dataset_task(cfg(name="svamp", style="nl", data_dir="/nonexistent"))
 
 
+@needs_data
 def test_validation_split_disjoint_and_deterministic():
     a = load_dataset_task(cfg(name="svamp", style="nl", seed=1))
     b = load_dataset_task(cfg(name="svamp", style="nl", seed=1))
@@ -138,17 +147,19 @@ def _check(path: Path, style: str, fields: Fields = Fields()):
     return failures
 
 
+@needs_data
 def test_gold_reproduction_svamp_nl():
     failures = _check(DATA / "reft" / "svamp_nl.json", "nl")
     assert len(failures) == 11  # 9 CoTs with no reasoning, 2 CoTs that contradict answer_value
 
 
+@needs_data
 def test_gold_reproduction_gsm8k_train():
     assert _check(DATA / "gsm8k" / "train.jsonl", "nl", Fields("question", "answer", "answer", "id")) == []
 
 
+@needs_data
 def test_gold_reproduction_svamp_programs():
-    pytest.importorskip("reftune.sandbox")
     assert _check(DATA / "reft" / "svamp_python_sdp.json", "program") == []
 
 
@@ -188,18 +199,13 @@ def test_convert_row_and_hf_rows():
         Example("train-0", "Q1", "5", "2 + 3 = 5\nTherefore, the answer is: 5")]
 
 
-def test_hf_needs_datasets_package():
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match=r"reftune\[hf\]"):
-            load_dataset_task(DataConfig(name="hf", hf_id="openai/gsm8k", style="nl"))
-    else:  # with `datasets` installed, go through its loader on a local file
-        pytest.skip("datasets is installed: covered by test_hf_with_datasets")
+def test_hf_needs_datasets_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if it were not installed: `import datasets` fails
+    with pytest.raises(ImportError, match=r"reftune\[hf\]"):
+        load_dataset_task(DataConfig(name="hf", hf_id="openai/gsm8k", style="nl"))
 
 
 def test_hf_with_datasets(tmp_path):
-    pytest.importorskip("datasets")
     rows = [{"item_id": f"r{i}", "question": f"q{i}", "answer_cot": f"so {i}", "answer_value": str(i)}
             for i in range(4)]
     train = tmp_path / "train.jsonl"

@@ -87,6 +87,25 @@ class CompareConfig:
     progress: bool = True
     """Show progress bars."""
 
+    def validate(self, prefix: str = "") -> None:
+        from reftune.validate import Checks
+
+        c = Checks(self, prefix)
+        c.out_dir().str(*METHODS, "reft_run", "reward_model", "rm_samples", "eval_dir")
+        c.choice("split", ("test", "validation")).int("k", 1).temperature().top_p().int("max_new_tokens", 1)
+        c.int("chunk_size", 1).int("gen_batch_size", 1).engine().bool("rerank", "progress").int("rm_k", 1)
+        c.int("seed", 0, 2**32 - 1).device().dtype()
+        if not any(getattr(self, m) for m in METHODS):
+            c.fail("sft", "no checkpoint given: set at least one of " + ", ".join(METHODS))
+        self.data.validate(prefix + "data.")
+        d = RewardModelConfig()
+        c.derived("rm", {"out_dir": (d.out_dir,), "seed": (d.seed, self.seed)}, "compare (out_dir/rm, seed)")
+        self.rm.validate(prefix + "rm.")
+
+
+# Settings a rerun may change without changing what the comparison computes.
+RESUME_FREE = ("progress", "chunk_size", "gen_batch_size", "device")
+
 
 def reft_metrics(cfg: CompareConfig) -> list[dict]:
     """The ReFT run's metrics.jsonl rows that have rollout metrics (empty when not found)."""
@@ -97,8 +116,9 @@ def reft_metrics(cfg: CompareConfig) -> list[dict]:
         run = candidate if candidate and (candidate / "metrics.jsonl").exists() else None
     if run is None or not (run / "metrics.jsonl").exists():
         return []
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r for r in rows if "reft/score" in r]
+    from reftune.runs import read_jsonl
+
+    return [r for r in read_jsonl(run / "metrics.jsonl") if "reft/score" in r]
 
 
 def check_samples_origin(samples_path: Path, origin: dict) -> None:
@@ -150,9 +170,54 @@ def _origin(cfg: CompareConfig, checkpoint: str, k: int) -> dict:
             "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "engine": cfg.engine}
 
 
-def run_compare(cfg: CompareConfig, task: Task | None = None, rm_records: list[dict] | None = None) -> dict:
+def run_compare(cfg: CompareConfig, task: Task | None = None, rm_records: list[dict] | None = None,
+                overwrite: bool = False) -> dict:
     """Evaluate every method given; returns (and writes) the comparison. `rm_records` (training-split
-    samples records) skips sampling for the reward model."""
+    samples records) skips sampling for the reward model. A rerun into the same folder with the
+    same settings resumes; other settings are refused unless `overwrite` (then it starts again)."""
+    from reftune.model_files import check_model_source
+    from reftune.models import load_tokenizer
+    from reftune.prompt_guard import guard_prompts, model_context
+    from reftune.runs import RunFolderError, claim_run, config_changes
+    from reftune.tasks import load_task
+
+    # 1. Config, task, every checkpoint and the prompt lengths checked before the folder is claimed.
+    cfg.validate()
+    task = task or load_task(cfg.data)
+    examples = {"test": task.test, "validation": task.validation}[cfg.split]
+    if not examples:
+        raise ValueError(f"task {task.name}: the {cfg.split} split is empty")
+    methods = {m: getattr(cfg, m) for m in METHODS if getattr(cfg, m)}
+    for name, path in methods.items():
+        check_model_source(path, key=name)
+    if cfg.rerank and cfg.reward_model:
+        from reftune.inference.rerank import reward_model_path
+
+        check_model_source(reward_model_path(cfg.reward_model), key="reward_model")
+    if cfg.rerank and cfg.rm.model:
+        check_model_source(cfg.rm.model, key="rm.model")
+    if cfg.rm_samples and not Path(cfg.rm_samples).is_file():
+        raise FileNotFoundError(f"compare: rm_samples file not found: {cfg.rm_samples}")
+    first = next(iter(methods.values()))
+    splits = (cfg.split, "train") if cfg.rerank and cfg.warmup and not cfg.rm_samples and rm_records is None else (cfg.split,)
+    task = guard_prompts(task, load_tokenizer(first), min(filter(None, [model_context(p) for p in methods.values()]),
+                                                          default=None), cfg.data, splits)
+    folder = claim_run(cfg.out_dir, "reftune compare")
+    try:
+        changed = config_changes(folder.path, cfg, RESUME_FREE)
+        if changed and not overwrite:
+            raise RunFolderError(f"{folder.path} holds a comparison with other settings ({', '.join(changed)} differ): "
+                                 f"rerun with the same settings to resume it, choose another out_dir, or pass "
+                                 f"--overwrite to replace it")
+        if overwrite:
+            folder.clear()
+        folder.begin(cfg)
+        return _compare(cfg, task, rm_records)
+    finally:
+        folder.release()
+
+
+def _compare(cfg: CompareConfig, task: Task, rm_records: list[dict] | None) -> dict:
     from reftune.inference.evaluate import evaluate, save_predictions
     from reftune.engines import make_generator
     from reftune.models import resolve_device, resolve_dtype
@@ -160,24 +225,13 @@ def run_compare(cfg: CompareConfig, task: Task | None = None, rm_records: list[d
     from reftune.inference.rerank import load_reward_model, rerank_curve, reward_model_path, score_records
     from reftune.trainers.reward_model import rm_training_data, train_reward_model
     from reftune.inference.sample import pass_at_k, sample_accuracy, sample_to_file
-    from reftune.tasks import load_task
-    from reftune.runs import start_run, write_json
+    from reftune.runs import write_json
     from reftune.inference.voting import voting_curve
 
-    # 1. Run folder, task, the methods to compare.
     start = time.time()
-    if cfg.k < 1:
-        raise ValueError(f"k must be >= 1, got {cfg.k}")
-    out = start_run(cfg.out_dir, cfg)
-    task = task or load_task(cfg.data)
-    examples = {"test": task.test, "validation": task.validation}.get(cfg.split)
-    if examples is None:
-        raise ValueError(f"split must be test or validation, got {cfg.split!r}")
-    if not examples:
-        raise ValueError(f"task {task.name}: the {cfg.split} split is empty")
+    out = Path(cfg.out_dir)
+    examples = {"test": task.test, "validation": task.validation}[cfg.split]
     methods = {m: getattr(cfg, m) for m in METHODS if getattr(cfg, m)}
-    if not methods:
-        raise ValueError("compare: no checkpoint given; set at least one of " + ", ".join(METHODS))
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     eval_dir = Path(cfg.eval_dir) if cfg.eval_dir else out / "eval"

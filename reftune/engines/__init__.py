@@ -6,7 +6,8 @@ May import: `reftune.batching` and third-party libraries; never tasks, rewards o
 Adding an engine: write `engines/<name>.py` with a class taking
 `(model, tokenizer, batch_size=..., seed=..., model_path=...)` and implementing `generate` and
 `sync_weights`, then add one line to `ENGINES`. Validation (`check_engine`), construction
-(`make_generator`) and the error message all read that dict.
+(`make_generator`) and the error message all read that dict. An engine that lives outside
+reftune needs no registration: name it `engine=package.module:Class`.
 """
 
 from __future__ import annotations
@@ -28,15 +29,26 @@ class EngineSpec:
 ENGINES: dict[str, EngineSpec] = {
     "cached": EngineSpec("reftune.engines.cached:CachedSampler", "built-in KV-cache sampler on the live policy"),
     "hf": EngineSpec("reftune.engines.hf:HFGenerator", "transformers model.generate on the live policy"),
+    "static": EngineSpec("reftune.engines.static:StaticSampler", "preallocated-KV sampler on the live policy, fastest on CPU"),
     "vllm": EngineSpec("reftune.engines.vllm:VLLMGenerator", "vLLM in this process, weights synced in memory (reftune[vllm])"),
 }
 
 
+def _spec(name: str) -> EngineSpec | None:
+    """The registered engine `name`, or an engine of your own named `package.module:Class`."""
+    if name in ENGINES:
+        return ENGINES[name]
+    if ":" in name and all(part.replace(".", "").replace("_", "").isalnum() for part in name.split(":", 1)):
+        return EngineSpec(name, "an engine outside reftune")
+    return None
+
+
 def check_engine(name: str, key: str = "engine") -> None:
     """Refuse an unknown engine name, listing the registered ones."""
-    if name not in ENGINES:
+    if _spec(name) is None:
         known = ", ".join(f"{n} ({s.summary})" for n, s in ENGINES.items())
-        raise ValueError(f"{key} must be one of {', '.join(ENGINES)}, got {name!r}; engines: {known}")
+        raise ValueError(f"{key} must be one of {', '.join(ENGINES)} or package.module:Class, got {name!r}; "
+                         f"engines: {known}")
 
 
 def make_generator(name: str, model, tokenizer, batch_size: int = 64, seed: int | None = None,
@@ -44,6 +56,9 @@ def make_generator(name: str, model, tokenizer, batch_size: int = 64, seed: int 
     """Build engine `name` over `model` (whose weights live in folder `model_path`, for engines that
     load their own copy)."""
     check_engine(name)
-    module, cls = ENGINES[name].target.split(":")
-    engine = getattr(importlib.import_module(module), cls)
+    module, cls = _spec(name).target.split(":")
+    try:
+        engine = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"engine {name!r}: cannot import {module}:{cls} ({e})") from None
     return engine(model, tokenizer, batch_size=batch_size, seed=seed, model_path=model_path)

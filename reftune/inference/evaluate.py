@@ -11,7 +11,7 @@ import torch
 
 from reftune.engines.base import Generator
 from reftune.tasks import DataConfig, Example, Task
-from reftune.runs import write_json
+from reftune.runs import atomic_write_text, write_json
 
 
 def evaluate(generator: Generator, task: Task, examples: list[Example], max_new_tokens: int = 256) -> tuple[dict, list[dict]]:
@@ -40,13 +40,10 @@ def evaluate(generator: Generator, task: Task, examples: list[Example], max_new_
 
 
 def save_predictions(out_dir: str | Path, summary: dict, predictions: list[dict], name: str = "test") -> None:
+    """Both files atomically (temp file + rename): a kill leaves the old pair or the new one."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{name}_predictions.jsonl.tmp"
-    with tmp.open("w") as f:
-        for p in predictions:
-            f.write(json.dumps(p) + "\n")
-    tmp.replace(out_dir / f"{name}_predictions.jsonl")
+    atomic_write_text(out_dir / f"{name}_predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
     write_json(out_dir / f"{name}_summary.json", summary)
 
 
@@ -75,24 +72,57 @@ class EvalConfig:
     seed: int = 0
     """Seed (greedy decoding is deterministic; kept for the record)."""
 
+    def validate(self, prefix: str = "") -> None:
+        from reftune.validate import Checks
 
-def run_eval(cfg: EvalConfig) -> dict:
+        c = Checks(self, prefix)
+        c.str("model").choice("split", EVAL_SPLITS).out_dir().int("max_new_tokens", 1).int("batch_size", 1)
+        c.engine().device().dtype().int("seed", 0, 2**32 - 1)
+        self.data.validate(prefix + "data.")
+
+
+EVAL_SPLITS = ("test", "validation", "train")
+# Settings that do not change what a greedy evaluation writes: an earlier eval in the folder may differ.
+EVAL_FREE = ("split", "batch_size", "device", "out_dir")
+
+
+def run_eval(cfg: EvalConfig, overwrite: bool = False) -> dict:
+    """Greedy top-1 on `cfg.split`: `{split}_predictions.jsonl` and `{split}_summary.json` in
+    out_dir. Earlier predictions of that split, or an earlier eval of another model or data in
+    the folder, are never replaced without `overwrite` (then atomically)."""
     from reftune.engines import make_generator
+    from reftune.model_files import check_model_source
     from reftune.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+    from reftune.prompt_guard import guard_prompts, model_context
+    from reftune.runs import RunFolderError, claim_run, config_changes
     from reftune.tasks import load_task
-    from reftune.runs import start_run
 
-    run_dir = start_run(cfg.out_dir, cfg)
+    # 1. Everything checked before the folder is touched: config, task, split, model files, prompts.
+    cfg.validate()
     task = load_task(cfg.data)
-    splits = {"test": task.test, "validation": task.validation, "train": task.train}
-    if cfg.split not in splits:
-        raise ValueError(f"split must be one of {sorted(splits)}, got {cfg.split!r}")
-    device = resolve_device(cfg.device)
+    if not getattr(task, cfg.split):
+        raise ValueError(f"task {task.name}: the {cfg.split} split is empty")
+    check_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model, device, resolve_dtype(cfg.dtype, device))
-    torch.manual_seed(cfg.seed)
-    generator = make_generator(cfg.engine, model, tokenizer, cfg.batch_size, model_path=cfg.model)
-    summary, predictions = evaluate(generator, task, splits[cfg.split], cfg.max_new_tokens)
-    summary.update(model=cfg.model, task=task.name, split=cfg.split)
-    save_predictions(run_dir, summary, predictions, cfg.split)
+    task = guard_prompts(task, tokenizer, model_context(cfg.model), cfg.data, (cfg.split,))
+    with claim_run(cfg.out_dir, "reftune eval") as folder:
+        outputs = [n for n in (f"{cfg.split}_predictions.jsonl", f"{cfg.split}_summary.json")
+                   if (folder.path / n).exists()]
+        changed = config_changes(folder.path, cfg, EVAL_FREE)
+        if not overwrite and (outputs or changed):
+            what = (f"predictions of the {cfg.split} split ({', '.join(outputs)})" if outputs else
+                    f"an evaluation with other settings ({', '.join(changed)} differ)")
+            raise RunFolderError(f"{folder.path} already holds {what}: choose another out_dir, or pass --overwrite "
+                                 f"to replace them")
+        run_dir = folder.begin(cfg)
+        # 2. Model, greedy decoding, predictions written atomically.
+        device = resolve_device(cfg.device)
+        model = load_causal_lm(cfg.model, device, resolve_dtype(cfg.dtype, device))
+        torch.manual_seed(cfg.seed)
+        generator = make_generator(cfg.engine, model, tokenizer, cfg.batch_size, model_path=cfg.model)
+        summary, predictions = evaluate(generator, task, getattr(task, cfg.split), cfg.max_new_tokens)
+        summary.update(model=cfg.model, task=task.name, split=cfg.split)
+        if task.stats.get("skipped_long_prompts"):
+            summary["skipped_long_prompts"] = task.stats["skipped_long_prompts"][cfg.split]
+        save_predictions(run_dir, summary, predictions, cfg.split)
     return summary

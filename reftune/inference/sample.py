@@ -64,6 +64,15 @@ class SampleConfig:
     progress: bool = True
     """Show a progress bar."""
 
+    def validate(self, prefix: str = "") -> None:
+        from reftune.validate import Checks
+
+        c = Checks(self, prefix)
+        c.str("model").choice("split", ("test", "validation", "train")).out_dir().int("k", 1).temperature().top_p()
+        c.int("max_new_tokens", 1).int("chunk_size", 1).int("batch_size", 1).engine().int("seed", 0, 2**32 - 1)
+        c.device().dtype().bool("progress")
+        self.data.validate(prefix + "data.")
+
 
 def sample_split(generator, task: Task, examples: list[Example], k: int, temperature: float = 1.0,
                  top_p: float = 1.0, max_new_tokens: int = 256) -> list[dict]:
@@ -86,26 +95,12 @@ def read_samples(path: str | Path, repair: bool = False) -> list[dict]:
     """Records of a samples file. A torn last line (a kill while appending) is dropped, and with
     `repair` also cut from the file so appends start on a clean line. A bad line elsewhere is an
     error: that is not a torn write but a damaged file."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    lines = raw.split(b"\n")
-    # Everything after the last newline is an unfinished write; so is a final line that does not parse.
-    complete, tail = lines[:-1], lines[-1]
-    records, good_bytes = [], 0
-    for number, line in enumerate(complete, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(complete) and not tail:
-                break  # an unreadable last line is torn too (e.g. a crash left garbage before the newline)
-            raise ValueError(f"{path}: line {number} is not valid JSON; the file is damaged") from None
-        records.append(record)
-        good_bytes += len(line) + 1
-    if repair and good_bytes != len(raw):
-        with path.open("r+b") as f:
-            f.truncate(good_bytes)
+    from reftune.runs import read_jsonl
+
+    records = read_jsonl(path, strict=True, repair=repair)
+    for number, r in enumerate(records, 1):
+        if not (isinstance(r.get("id"), str) and isinstance(r.get("samples"), list)):
+            raise ValueError(f"{path}: record {number} is not a samples record (needs an id and a list of samples)")
     return records
 
 
@@ -185,53 +180,93 @@ def pass_at_k(records: list[dict]) -> float:
 RESUME_FREE = ("out_dir", "chunk_size", "batch_size", "device", "progress")
 
 
+def sample_origin(cfg: SampleConfig) -> dict:
+    """What decides the samples in a file: every setting but RESUME_FREE ones."""
+    from reftune.config import to_dict
+
+    return {k: v for k, v in to_dict(cfg).items() if k not in RESUME_FREE}
+
+
+def origin_changes(samples_path: Path, origin: dict, run_dir: Path | None = None, cfg=None) -> list[str] | None:
+    """Settings that differ from those the samples file was drawn with (its `.origin.json`
+    sidecar; for files written before sidecars, the folder's config.yaml), or None when the file
+    does not exist yet."""
+    import json as _json
+
+    from reftune.runs import config_changes
+
+    if not samples_path.exists():
+        return None
+    sidecar = samples_path.with_name(samples_path.name + ".origin.json")
+    if sidecar.exists():
+        try:
+            before = _json.loads(sidecar.read_text())
+        except ValueError:
+            return [f"{sidecar.name} (unreadable)"]
+        return sorted(k for k in origin if before.get(k) != origin[k])
+    if run_dir is not None and cfg is not None:
+        return config_changes(run_dir, cfg, RESUME_FREE) or []
+    return []
+
+
 def check_resumable(cfg: SampleConfig) -> None:
     """Refuse to append to a samples file drawn with other settings (model, k, temperature, data...)."""
-    from reftune.config import from_dict, read_yaml, to_dict
-
     run_dir = Path(cfg.out_dir)
-    if not (run_dir / f"{cfg.split}_samples.jsonl").exists() or not (run_dir / "config.yaml").exists():
-        return
-    before = to_dict(from_dict(SampleConfig, read_yaml(run_dir / "config.yaml")))
-    now = to_dict(cfg)
-    changed = sorted(k for k in now if k not in RESUME_FREE and before.get(k) != now[k])
+    changed = origin_changes(run_dir / f"{cfg.split}_samples.jsonl", sample_origin(cfg), run_dir, cfg)
     if changed:
         raise ValueError(f"{run_dir} holds samples drawn with other settings ({', '.join(changed)} differ); "
-                         f"use another out_dir or the same settings to resume")
+                         f"use another out_dir, the same settings to resume, or --overwrite to replace them")
 
 
-def run_sample(cfg: SampleConfig) -> dict:
-    """Sample the split into `{out_dir}/{split}_samples.jsonl`; returns a summary (also saved)."""
+def run_sample(cfg: SampleConfig, overwrite: bool = False) -> dict:
+    """Sample the split into `{out_dir}/{split}_samples.jsonl`; returns a summary (also saved).
+    A rerun with the same settings resumes the file; other settings are refused unless
+    `overwrite` (then the file is started again)."""
     from reftune.engines import make_generator
+    from reftune.model_files import check_model_source
     from reftune.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+    from reftune.prompt_guard import guard_prompts, model_context
+    from reftune.runs import RunFolderError, claim_run, note, write_json
     from reftune.tasks import load_task
-    from reftune.runs import start_run, write_json
     from reftune.inference.voting import voting_accuracy
 
-    # 1. Run folder (a rerun into the same folder resumes, if it samples the same way), task, split.
-    if cfg.k < 1 or cfg.chunk_size < 1:
-        raise ValueError(f"k and chunk_size must be >= 1, got k={cfg.k}, chunk_size={cfg.chunk_size}")
-    check_resumable(cfg)
-    run_dir = start_run(cfg.out_dir, cfg)
+    # 1. Config, task, split, model files and prompt lengths checked; then the folder is claimed
+    # (a rerun into the same folder resumes, if it samples the same way).
+    cfg.validate()
     task = load_task(cfg.data)
-    splits = {"test": task.test, "validation": task.validation, "train": task.train}
-    if cfg.split not in splits:
-        raise ValueError(f"split must be one of {sorted(splits)}, got {cfg.split!r}")
-    examples = splits[cfg.split]
-    if not examples:
+    if not getattr(task, cfg.split):
         raise ValueError(f"task {task.name}: the {cfg.split} split is empty")
-
-    # 2. Model and generator.
-    device = resolve_device(cfg.device)
+    check_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model, device, resolve_dtype(cfg.dtype, device))
-    generator = make_generator(cfg.engine, model, tokenizer, cfg.batch_size, seed=cfg.seed, model_path=cfg.model)
+    task = guard_prompts(task, tokenizer, model_context(cfg.model), cfg.data, (cfg.split,))
+    examples = getattr(task, cfg.split)
+    folder = claim_run(cfg.out_dir, "reftune sample")
+    try:
+        path = folder.path / f"{cfg.split}_samples.jsonl"
+        origin = sample_origin(cfg)
+        changed = origin_changes(path, origin, folder.path, cfg)
+        if changed and not overwrite:
+            raise RunFolderError(f"{folder.path} holds samples drawn with other settings ({', '.join(changed)} "
+                                 f"differ); use another out_dir, the same settings to resume, or --overwrite to "
+                                 f"replace them")
+        run_dir = folder.begin(cfg)
+        if overwrite and path.exists():
+            path.unlink()
+            note(f"{path}: --overwrite: the earlier samples are replaced")
+        write_json(path.with_name(path.name + ".origin.json"), origin)
 
-    # 3. Sample chunk by chunk, appending (and resuming) the file.
-    start = time.time()
-    path = run_dir / f"{cfg.split}_samples.jsonl"
-    records = sample_to_file(generator, task, examples, path, cfg.k, cfg.temperature, cfg.top_p, cfg.max_new_tokens,
-                             cfg.chunk_size, cfg.seed, cfg.progress)
+        # 2. Model and generator.
+        device = resolve_device(cfg.device)
+        model = load_causal_lm(cfg.model, device, resolve_dtype(cfg.dtype, device))
+        generator = make_generator(cfg.engine, model, tokenizer, cfg.batch_size, seed=cfg.seed, model_path=cfg.model)
+
+        # 3. Sample chunk by chunk, appending (and resuming) the file.
+        start = time.time()
+        records = sample_to_file(generator, task, examples, path, cfg.k, cfg.temperature, cfg.top_p,
+                                 cfg.max_new_tokens, cfg.chunk_size, cfg.seed, cfg.progress)
+    except BaseException:
+        folder.release()
+        raise
 
     # 4. Summary: what a single sample, voting and the best of k achieve.
     summary = {"path": str(path), "model": cfg.model, "task": task.name, "split": cfg.split, "n": len(records),
@@ -239,4 +274,5 @@ def run_sample(cfg: SampleConfig) -> dict:
                f"vote_accuracy@{cfg.k}": voting_accuracy(records, task.answer_type, cfg.k),
                f"pass@{cfg.k}": pass_at_k(records), "seconds": round(time.time() - start, 1)}
     write_json(run_dir / f"{cfg.split}_samples_summary.json", summary)
+    folder.release()
     return summary

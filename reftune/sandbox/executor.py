@@ -1,66 +1,79 @@
 """Run model-written Python programs (P-CoT) safely and fast: ``run_programs(programs) -> [ExecResult]``.
 
 Each program is defined in a fresh namespace (one globals dict, so top-level helpers work) and its
-``solution()`` is called; the returned value becomes the reward input. Programs run in a pool of
-persistent worker processes (``worker.py``, started with ``subprocess``: fork+exec of a clean
-``python -s -B``, never a fork of the trainer, never torch), up to ``max_batch`` per round trip with
-results streamed back one by one, so a worker that dies or hangs costs exactly one program: the
-parent kills it, reports that program ("timeout"/"crashed"), starts a fresh worker and resubmits the
-rest of its batch.
+``solution()`` is called; the returned value becomes the reward input. In ReFT the policy writes the
+code that decides its own reward, so the executor is built to hold against programs written to break
+it, and no program can influence another's result.
 
-What is covered (``ProgramExecutor.protections`` lists the OS-level layers that took effect here;
-they are best effort and left out silently where the kernel refuses them):
+How it runs: a pool of zygote processes (``worker.py``, started with ``subprocess``: fork+exec of a
+clean ``python -s -B`` in a new session, never a fork of the trainer, never torch) imports the allowed
+modules once; for every program it forks a fresh child (copy-on-write, ~1 ms), which locks itself
+down, runs the program and writes one result frame to a pipe of its own. The zygote reads only that
+pipe, kills the child's process group, waits for it and empties the temp folder before the next
+program. So nothing a program does survives it (monkeypatched classes, module or decimal state,
+threads, objects with ``__del__``, files, sympy caches), and a program can forge nothing but its own
+result. The zygote runs no program code; up to ``max_batch`` programs go per round trip, results
+stream back one by one over a Unix socket whose sender the kernel attests (a frame from any process
+but the zygote is refused), and a zygote that dies or hangs costs one program ("crashed"/"timeout")
+before a fresh one takes over the rest of its batch.
 
-* Python level (always): the program is parsed and refused ("forbidden: ...") if it names an
-  attribute that starts with ``_`` (``__class__``, ``__subclasses__``, ``__globals__``, ``__dict__``,
-  ``random._os``...) other than harmless protocol dunders (``__init__``, ``__add__``, ``__len__``...)
-  and namedtuple's ``_asdict``/``_replace``/..., or a frame/code attribute (``gi_frame``, ``f_globals``,
-  ``tb_frame``...). Builtins are an allowlist: no ``open``, ``compile``, ``input``, ``breakpoint``,
-  ``help``, ``globals``/``locals``/``vars``, ``exit``/``quit``; ``getattr``/``setattr``/``delattr``
-  apply the attribute rule; ``eval``/``exec`` of strings are allowed but the strings get the same
-  check and the restricted builtins. ``import`` reaches only ``DEFAULT_MODULES`` (math, cmath,
-  fractions, decimal, numbers, statistics, random, itertools, functools, operator, collections,
-  heapq, bisect, string, re, datetime, sympy, ...) -- never os/sys/subprocess/socket/ctypes/shutil/
-  pathlib/io -- as read-only proxies with public names only, known gadgets removed
-  (``string.Formatter``, ``typing.get_type_hints``, ``sympy.lambdify``/``preview``/``plot``,
-  ``sympy.utilities``/``parsing``...), and the strings sympify()/parse_expr() evaluate are checked
-  like program code. print() output is discarded (fds 0-2 are /dev/null too): a flood cannot fill a pipe.
-* Process: the environment holds only thread-count caps, PYTHONHASHSEED=0 (same set order, hence
-  same str() results, in every worker) and PYTHONSAFEPATH -- no tokens, HOME or PATH; cwd is a fresh
-  temp dir created by the parent and removed by it even after a SIGKILL; ``os.fork/system/exec*/
-  spawn*/kill/...`` are deleted from ``os``. Limits: wall timeout (SIGALRM in the worker, SIGKILL from
-  the parent ``grace`` s later), RLIMIT_CPU backstop, RLIMIT_AS = ``memory_mb`` for the whole worker
-  (the interpreter and sympy use ~60-100 MB of it; MemoryError -> "memory"), RLIMIT_FSIZE 1 MiB,
-  RLIMIT_CORE 0, RLIMIT_NOFILE 64, RLIMIT_NPROC 0 (which root ignores).
-* OS (Linux): a private network namespace (no usable interface; needs root or unprivileged user
-  namespaces). Landlock (kernel >= 5.13): read-only access to the Python install (prefixes and
-  sys.path folders) and system library folders, read-write access to the temp dir, nothing else --
-  no user files, no /proc/<trainer>/environ -- and no execve anywhere; no TCP (ABI >= 4); no signals
-  to, or abstract sockets of, processes outside (ABI >= 6). seccomp (x86_64/aarch64): fork, vfork,
-  clone of processes, execve, socket, socketpair, ptrace, pidfd_open and process_vm_* fail with
-  EPERM; kill/tkill/tgkill work only on the worker itself.
+Layers, outermost first (``ProgramExecutor.protections`` lists the OS ones that took effect here;
+each is best effort and left out where the kernel refuses it, and a child that cannot apply every
+layer its zygote's probe child could exits before running its program):
+
+* fork-per-program (always): state, threads and files die with the child; PR_SET_PDEATHSIG kills it
+  if the zygote dies; the zygote kills it at ``timeout`` (plus RLIMIT_CPU as a backstop).
+* seccomp (x86_64/aarch64, kernel >= 3.5, needs no_new_privs): an ALLOW-list of the ~80 system calls
+  CPython needs to run a program (file and memory calls, futex, clocks, getrandom, threads = clone
+  with CLONE_THREAD); everything else is EPERM -- socket of any family, io_uring_*, bpf, ptrace,
+  process_vm_*, pidfd_*, mount, unshare/setns, keyctl, userfaultfd, perf_event_open, SysV IPC, ioctl,
+  prctl, kill/tgkill (to anyone), fork/vfork/clone of a process, execve, fcntl(F_SETOWN). Installed
+  in the child before it parses its program. Without it (other architectures, old kernels) an
+  escaped program can open sockets (pathname Unix sockets such as /var/run/docker.sock; TCP is then
+  still stopped by the network namespace/Landlock), fork (as root) and signal same-user processes.
+* Landlock (kernel >= 5.13, enabled LSM): read-only access to the Python install and system library
+  folders; in the temp folder, regular files and folders only; nothing else -- no user files, no
+  /proc (so no /proc/<trainer>/environ, fd or mem), no /dev -- and never EXECUTE. ABI >= 4: no TCP
+  bind/connect; ABI >= 6: no signals to, or abstract Unix sockets of, processes outside. Without it
+  an escaped program reads what the trainer's user can and writes up to 1 MiB per file anywhere that
+  user can (cross-program state through the file system then needs an escape).
+* network namespace (root, or unprivileged user namespaces): no usable interface at all. Without it
+  UDP is stopped only by seccomp (no socket()).
+* capabilities (root only): dropped in the zygote, so children have no CAP_SYS_PTRACE,
+  DAC_OVERRIDE, NET_ADMIN...; the zygote is non-dumpable, so its /proc files are closed to them.
+  RLIMIT_NPROC 0 stops forks of non-root children (root ignores it: seccomp is what stops them).
+* limits: RLIMIT_AS = the interpreter's mapped size + ``memory_mb`` (MemoryError -> "memory"),
+  RLIMIT_FSIZE 1 MiB, RLIMIT_CORE 0, RLIMIT_NOFILE 64, RLIMIT_CPU; stdout/stderr are /dev/null and
+  print() is a no-op. The environment holds only thread-count caps, PYTHONHASHSEED=0 (same set order,
+  hence same str() results, everywhere) and PYTHONSAFEPATH -- no tokens, HOME or PATH.
+* Python level (always; a first filter, not the boundary): the program is parsed and refused
+  ("forbidden: ...") if it names an attribute that starts with ``_`` other than harmless protocol
+  dunders (``__init__``, ``__add__``...) and namedtuple's ``_asdict``/..., a frame, code or traceback
+  attribute, or ``.obj`` (AttributeError.obj holds the object whose lookup failed), or imports outside
+  the allow-list. Builtins are an allow-list: no eval/exec/compile, open, input, globals/locals/vars,
+  breakpoint, help, exit; getattr/setattr/delattr apply the attribute rule. ``import`` gives views of
+  ``DEFAULT_MODULES`` holding only an allow-listed public API per module (``apis.py``): never the real
+  module, never a submodule without its own list, never ``string.Formatter``,
+  ``functools.singledispatch``/``wraps`` or ``dataclasses``; so no program string reaches an evaluator.
+  Inside sympy, sympify()/parse_expr() parse strings with an AST walk that builds the expression
+  without eval, lambdify (exec of printed code) is refused and ``import_module`` answers "not
+  installed". A lazily imported module (sympy) is importable only by a program whose text names it,
+  so whether an earlier program made the zygote import it never changes what a later one can do.
 
 What is NOT covered:
 
-* This is not a security boundary against a determined attacker. The Python-level layer blocks
-  known escape routes over a huge surface (sympy alone has hundreds of modules and its own eval/exec
-  sites); a new gadget, a CPython/sympy bug or memory corruption yields the real ``os``. The OS layers
-  then limit the damage, but only where they took effect: without Landlock an escaped program can
-  read (and write up to 1 MiB to) whatever the trainer's user can, including /proc/<trainer>/environ;
-  without seccomp it can open pathname Unix sockets (e.g. /var/run/docker.sock), and as root fork and
-  exec. UDP is blocked only by the network namespace. Run the trainer as a non-root user.
-* Programs that share a worker share an interpreter: one may monkeypatch a library *class*
-  (``sympy.Symbol.x = ...``, ``numbers.Number.register``) and change a later program's result on that
-  worker until it is recycled (every ``max_tasks_per_worker`` programs). Module objects are read-only,
-  ``random`` is reseeded (0) and the decimal context reset before every program.
+* The Python layer is a filter over a huge surface (sympy alone has hundreds of modules); a new
+  gadget, a CPython/sympy bug or memory corruption yields real interpreter objects. Such a program
+  is then still inside the OS layers above -- and only inside the ones listed in ``protections``.
+  Run the trainer as a non-root user.
 * ``'{0.__class__}'.format(x)`` walks attributes the static check cannot see; it only yields text.
-* Only ``solution()``'s return value is collected; printed answers are discarded. A program that
-  catches the timeout exception and keeps looping is killed at ``timeout + grace``; so is CPU work
-  inside one C call (``10**10**8``, regex backtracking), which the alarm cannot interrupt.
-* numpy is not importable by default (file I/O, ctypes helpers); ``allowed_modules=DEFAULT_MODULES +
-  ("numpy",)`` removes the known gadgets but weakens the sandbox.
+  typing compiles (never evaluates) string annotations.
+* Only ``solution()``'s return value is collected; printed answers are discarded. A program is killed
+  at ``timeout`` wherever it is (CPU work inside one C call included).
+* Only the modules with an allow-list in ``apis.py`` can be allowed (``allowed_modules`` is a subset).
 
-The parent never unpickles anything from a worker: results are length-prefixed JSON, size-capped.
+The parent never unpickles anything from a worker: results are length-prefixed JSON, size-capped,
+checked by the zygote (the child's frame) and again by the parent.
 """
 
 from __future__ import annotations
@@ -68,9 +81,11 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import secrets
 import select
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -81,24 +96,26 @@ import weakref
 from collections import deque
 from dataclasses import dataclass
 
-from reftune.sandbox.worker import DEFAULT_MODULES, KEEP_ENV
+from reftune.sandbox.apis import API
+from reftune.sandbox.policy import DEFAULT_MODULES, KEEP_ENV
 
 __all__ = ["DEFAULT_MODULES", "ExecResult", "ProgramExecutor", "configure", "run_program", "run_programs", "shutdown"]
 
 _WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
 _HEADER = struct.Struct(">I")
-_MAX_FRAME = 1 << 20  # a worker's results are small (strings are capped at 10k chars); more = misbehaving
-_STARTUP_S = 30.0  # allowance for a fresh worker to say hello (cold disk, loaded machine)
-_IMPORT_S = 60.0  # allowance for a program's first `import sympy` (not counted in its timeout)
+_CRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
+_MAX_FRAME = 1 << 20  # a zygote's messages are small (strings are capped at 10k chars); more = misbehaving
+_STARTUP_S = 30.0  # allowance for a fresh zygote to say hello (cold disk, loaded machine)
+_IMPORT_S = 60.0  # allowance for a zygote's first `import sympy` (not counted in the program's timeout)
 
 
 @dataclass(frozen=True)
 class ExecResult:
     """Outcome of one program.
 
-    value: what solution() returned: int/float/str kept (bool -> int); Fraction, Decimal, sympy
-        numbers and numpy scalars -> float; anything else -> str(obj) (capped); None on failure (or if
-        solution() returned None).
+    value: what solution() returned: int/float/str kept (bool -> int); Fraction, Decimal and sympy
+        numbers -> float; anything else -> str(obj) (capped); None on failure (or if solution()
+        returned None).
     reason: "" on success; otherwise one of "timeout", "memory", "crashed", "no solution()",
         "output too large", "error: <ExcType>: <msg>", "forbidden: <what>".
     """
@@ -112,21 +129,28 @@ class ExecResult:
 
 
 class _Worker:
-    """Parent-side handle of one worker process: pipes, framing buffer, jobs in flight, deadline."""
+    """Parent-side handle of one zygote: socket, framing buffer, jobs in flight, deadline, temp dir."""
 
-    def __init__(self, config: str, memory_mb: int):
-        self.memory_mb = memory_mb
-        self.tmpdir = tempfile.mkdtemp(prefix="reftune-sandbox-")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-s", "-B", _WORKER, config],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=self.tmpdir, env=dict(KEEP_ENV), close_fds=True,
-        )  # fmt: skip
-        self.fd_out, self.fd_in = self.proc.stdout.fileno(), self.proc.stdin.fileno()
-        os.set_blocking(self.fd_in, False)  # never block the event loop on a worker that stopped reading
+    def __init__(self, config: dict):
+        # The name is ours (the zygote creates and removes the folder): safe to remove after a kill.
+        self.tmpdir = os.path.join(tempfile.gettempdir(), f"reftune-sandbox-{secrets.token_hex(8)}")
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # kernel-attested sender pid
+        config = dict(config, fd=theirs.fileno(), tmpdir=self.tmpdir)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-s", "-B", _WORKER, json.dumps(config)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                pass_fds=(theirs.fileno(),), cwd="/", env=dict(KEEP_ENV), start_new_session=True,
+            )  # fmt: skip
+        finally:
+            theirs.close()
+        self.sock.setblocking(False)  # never block the event loop on a zygote that stopped reading
+        self.fd = self.sock.fileno()
         self.inbuf, self.outbuf = bytearray(), b""
         self.jobs: deque[int] = deque()  # indices sent and not yet answered, in execution order
         self.ready = False  # hello received
+        self.acked = False  # the zygote confirmed the batch in flight (before: nobody to blame if it dies)
         self.deadline = time.monotonic() + _STARTUP_S
         self.tasks = 0
         self.stderr = ""
@@ -139,16 +163,25 @@ class _Worker:
     def flush(self) -> None:
         try:
             while self.outbuf:
-                self.outbuf = self.outbuf[os.write(self.fd_in, self.outbuf) :]
+                self.outbuf = self.outbuf[self.sock.send(self.outbuf) :]
         except BlockingIOError:
-            pass  # the rest goes out when poll() says the pipe has room
+            pass  # the rest goes out when poll() says the socket has room
         except OSError:
-            self.outbuf = b""  # dead worker: its stdout reports EOF next
+            self.outbuf = b""  # dead zygote: the socket reports EOF next
 
     def frames(self) -> list | None:
         """Read what is available; the complete messages, or None on EOF / protocol violation."""
-        chunk = os.read(self.fd_out, 1 << 16)
+        try:
+            chunk, ancdata, _, _ = self.sock.recvmsg(1 << 16, socket.CMSG_SPACE(_CRED.size))
+        except BlockingIOError:
+            return []
+        except OSError:
+            return None
         if not chunk:
+            return None
+        creds = [_CRED.unpack_from(d)[0] for lvl, kind, d in ancdata
+                 if lvl == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(d) >= _CRED.size]  # fmt: skip
+        if creds != [self.proc.pid]:  # written by some other process (or unattested): not a result
             return None
         self.inbuf += chunk
         out = []
@@ -166,23 +199,19 @@ class _Worker:
         return out
 
     def close(self, kill: bool = False) -> int | None:
-        """Stop the process (EOF on stdin asks it to leave; SIGKILL if asked or needed), remove its dir."""
+        """Stop the zygote (EOF on its socket asks it to leave; SIGKILL if asked or needed)."""
         if kill:
             self.proc.kill()
+        self.sock.close()
         try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout=1.0)
+            self.proc.wait(timeout=2.0)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
         if not self.ready:  # keep the start-up error for the exception message
             self.stderr = self.proc.stderr.read().decode(errors="replace")
-        self.proc.stdout.close()
         self.proc.stderr.close()
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        shutil.rmtree(self.tmpdir, ignore_errors=True)  # a killed zygote could not remove it
         return self.proc.returncode
 
 
@@ -194,25 +223,31 @@ def _close_all(workers: list) -> None:
 
 
 class ProgramExecutor:
-    """A pool of sandbox workers, started lazily and reused across calls. Thread-safe (calls serialize).
+    """A pool of sandbox zygotes, started lazily and reused across calls. Thread-safe (calls serialize).
 
-    workers: pool size (default min(cpu_count, 4)). grace: seconds past `timeout` before a worker that
-    ignores its alarm is killed. max_batch: most programs per round trip. max_tasks_per_worker:
-    recycle a worker after that many programs (bounds state leaking between programs and sympy's cache
-    growth). allowed_modules: importable top-level modules. _os_layers_only: for tests of the OS
-    layers only -- programs get the real builtins and imports (never use it for model output).
+    workers: pool size (default min(cpu_count, 4)). grace: seconds past `timeout` that the parent
+    waits for a result before it kills a zygote that stopped answering (the zygote itself kills a
+    program at `timeout`). max_batch: most programs per round trip. max_tasks_per_worker: replace a
+    zygote after that many programs (nothing of a program survives it; this only bounds a zygote's
+    lifetime). allowed_modules: importable top-level modules, a subset of those with an API list in
+    `apis.py`. _os_layers_only: for tests of the OS layers only -- programs get the real builtins and
+    imports (never use it for model output).
     """
 
     def __init__(self, workers: int | None = None, *, grace: float = 0.5, max_batch: int = 16,
                  max_tasks_per_worker: int = 2000, allowed_modules: tuple[str, ...] = DEFAULT_MODULES,
                  _os_layers_only: bool = False):  # fmt: skip
+        unknown = [m for m in allowed_modules if m not in API]
+        if unknown:
+            raise ValueError(f"no API allow-list for {unknown} (see reftune/sandbox/apis.py)")
         self.size = workers or min(os.cpu_count() or 1, 4)
         self.grace, self.max_tasks, self.max_batch = grace, max_tasks_per_worker, max_batch
         self._allowed, self._os_only = tuple(allowed_modules), _os_layers_only
         self._workers: list[_Worker | None] = [None] * self.size
         self._lock = threading.Lock()
         self._pid = os.getpid()
-        self.protections: list[str] = []  # OS layers reported by the latest worker (see module doc)
+        self.protections: list[str] = []  # layers reported by the latest zygote (see module doc)
+        self._share_pure = True  # pure programs share a child (worker.py); False: a fork for every program
         self._finalizer = weakref.finalize(self, _close_all, self._workers)
 
     def worker_pids(self) -> list[int]:
@@ -228,9 +263,8 @@ class ProgramExecutor:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _spawn(self, memory_mb: int) -> _Worker:
-        config = json.dumps({"memory_mb": memory_mb, "modules": self._allowed, "os_layers_only": self._os_only})
-        return _Worker(config, memory_mb)
+    def _spawn(self) -> _Worker:
+        return _Worker({"modules": self._allowed, "os_layers_only": self._os_only, "share_pure": self._share_pure})
 
     def run(self, programs: list[str], timeout: float = 2.0, memory_mb: int = 512,
             entry: str = "solution") -> list[ExecResult]:  # fmt: skip
@@ -244,11 +278,11 @@ class ProgramExecutor:
             return []
         with self._lock:
             if os.getpid() != self._pid:  # we are a fork of the process that started the pool:
-                self._workers[:] = [None] * self.size  # those workers belong to it, leave them alone
+                self._workers[:] = [None] * self.size  # those zygotes belong to it, leave them alone
                 self._pid = os.getpid()
             try:
-                return self._run(programs, float(timeout), int(memory_mb), entry)
-            except BaseException:  # e.g. KeyboardInterrupt: workers still busy would answer a later call
+                return self._run(programs, float(timeout), int(memory_mb), str(entry))
+            except BaseException:  # e.g. KeyboardInterrupt: zygotes still busy would answer a later call
                 for slot, w in enumerate(self._workers):
                     if w is not None and (w.jobs or w.outbuf):
                         self._workers[slot] = None
@@ -264,44 +298,48 @@ class ProgramExecutor:
 
         def retire(slot: int, kill: bool) -> tuple[_Worker, int | None]:
             w, self._workers[slot] = self._workers[slot], None
-            for fd in (w.fd_out, w.fd_in):
-                if watched.pop(fd, None) is not None:
-                    poller.unregister(fd)
+            if watched.pop(w.fd, None) is not None:
+                poller.unregister(w.fd)
             return w, w.close(kill=kill)
 
         def fail(slot: int, reason: str) -> None:
-            """The worker died or hung: blame the program it was running, resubmit the others."""
+            """The zygote died, hung or broke the protocol: blame its current program, resubmit the rest."""
             nonlocal startup_failures
             w, code = retire(slot, kill=True)
-            if code == -signal.SIGXCPU:
-                reason = "timeout"  # the RLIMIT_CPU backstop fired
-            if not w.ready:  # it never got going: nobody to blame, but do not loop forever
-                startup_failures += 1
+            if not (w.ready and w.acked):  # it died before it got our batch: nobody to blame
+                startup_failures += 1  # but do not loop forever
                 if startup_failures > 3:
                     raise RuntimeError(f"sandbox worker does not start (exit {code}): {w.stderr[-2000:]}")
             elif w.jobs:
                 results[w.jobs.popleft()] = ExecResult(None, reason)
             pending.extendleft(reversed(w.jobs))
 
+        def watch(w: _Worker, slot: int) -> None:
+            mask = select.POLLIN | (select.POLLOUT if w.outbuf else 0)
+            if w.fd in watched:
+                poller.modify(w.fd, mask)
+            else:
+                poller.register(w.fd, mask)
+                watched[w.fd] = slot
+
         def feed(slot: int) -> None:
             w = self._workers[slot]
-            if w is not None and (w.proc.poll() is not None or w.memory_mb != memory_mb or w.tasks >= self.max_tasks):
-                retire(slot, kill=False)  # died while idle, other limits, or due for recycling
+            if w is not None and (w.proc.poll() is not None or w.tasks >= self.max_tasks):
+                retire(slot, kill=False)  # died while idle, or due for replacement
                 w = None
             if w is None:
-                w = self._workers[slot] = self._spawn(memory_mb)
+                w = self._workers[slot] = self._spawn()
             # Guided self-scheduling: batches amortise round trips but shrink as the queue drains, so
-            # that a few slow programs at the end do not queue up behind each other on one worker.
+            # that a few slow programs at the end do not queue up behind each other on one zygote.
             batch = max(1, min(self.max_batch, len(pending) // (2 * self.size)))
             jobs = [pending.popleft() for _ in range(batch)]
             w.jobs.extend(jobs)
-            w.send({"jobs": [[i, programs[i]] for i in jobs], "timeout": timeout, "entry": entry})
+            w.acked = False
+            w.send({"jobs": [[i, programs[i]] for i in jobs], "timeout": timeout, "memory_mb": memory_mb,
+                    "entry": entry})  # fmt: skip
             if w.ready:
                 w.deadline = time.monotonic() + budget
-            for fd, mask, needed in ((w.fd_out, select.POLLIN, True), (w.fd_in, select.POLLOUT, bool(w.outbuf))):
-                if needed and fd not in watched:
-                    poller.register(fd, mask)
-                    watched[fd] = slot
+            watch(w, slot)
 
         while True:
             for slot, w in enumerate(self._workers):
@@ -311,27 +349,25 @@ class ProgramExecutor:
             if not busy:
                 return results
             wait = min(w.deadline for w in busy) - time.monotonic()
-            for fd, _ in poller.poll(max(0.0, wait) * 1000 + 1):
+            for fd, events in poller.poll(max(0.0, wait) * 1000 + 1):
                 slot = watched.get(fd)
-                if slot is None:  # its worker was retired earlier in this round
+                if slot is None:  # its zygote was retired earlier in this round
                     continue
                 w = self._workers[slot]
-                if fd == w.fd_in:  # room in the stdin pipe for the rest of a large batch
+                if events & select.POLLOUT:  # room in the socket for the rest of a large batch
                     w.flush()
-                    if not w.outbuf:
-                        poller.unregister(fd)
-                        del watched[fd]
-                    continue
-                messages = w.frames()
-                if messages is None or not all(self._handle(w, m, results, budget) for m in messages):
-                    fail(slot, "crashed")
+                    watch(w, slot)
+                if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    messages = w.frames()
+                    if messages is None or not all(self._handle(w, m, results, budget) for m in messages):
+                        fail(slot, "crashed")
             now = time.monotonic()
             for slot, w in enumerate(self._workers):
                 if w is not None and w.jobs and now > w.deadline:
                     fail(slot, "timeout")
 
     def _handle(self, w: _Worker, msg, results, budget: float) -> bool:
-        """Apply one message from a worker; False if it breaks the protocol (the worker is then killed)."""
+        """Apply one message from a zygote; False if it breaks the protocol (the zygote is then killed)."""
         now = time.monotonic()
         if not isinstance(msg, dict):
             return False
@@ -339,7 +375,10 @@ class ProgramExecutor:
             w.ready, w.deadline = True, now + budget
             self.protections = [str(p) for p in msg.get("prot", [])]
             return True
-        if not w.ready or not w.jobs or msg.get("i") != w.jobs[0]:
+        if w.ready and "batch" in msg and not w.acked:
+            w.acked = msg["batch"] == len(w.jobs)
+            return w.acked
+        if not w.ready or not w.acked or not w.jobs or msg.get("i") != w.jobs[0]:
             return False  # results come strictly in the order the jobs were sent
         if msg.get("ev") == "import":
             w.deadline = now + _IMPORT_S

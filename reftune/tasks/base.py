@@ -14,6 +14,7 @@ from reftune.types import Example, Graded
 PROMPT_TEMPLATE = "Question:\n{question}\nAnswer reasoning:\n"
 NL_ANSWER_PREFIX = "Therefore, the answer is:"
 STYLES = ("nl", "program")
+DATASET_NAMES = ("arithmetic", "gsm8k", "gsm8k_reft", "svamp", "mathqa", "mathqa_numeric", "json", "hf")
 ANSWER_TYPES = ("number", "choice")
 
 
@@ -79,6 +80,39 @@ class DataConfig:
     """Multiple choice + program CoT: credit only when the computed value matches the picked option."""
     program_header_in_prompt: bool = False
     """Program CoT: put `def solution():` and the question docstring in the sampling prompt (release)."""
+    max_prompt_tokens: int = 0
+    """Longest prompt in tokens (0: the model's context, `max_position_embeddings`)."""
+    long_prompts: str = "error"
+    """A prompt over that limit: error (refuse the run, with a count) | skip (leave it out, counted)."""
+
+    def validate(self, prefix: str = "data.") -> None:
+        """Ranges and choices of every field; file paths are checked when the data is loaded."""
+        from reftune.validate import Checks
+
+        c = Checks(self, prefix)
+        c.choice("name", DATASET_NAMES).choice("style", STYLES).choice("answer_type", ANSWER_TYPES)
+        c.str("train_path", "test_path", "data_dir", "question_field", "cot_field", "answer_field", "id_field",
+              "hf_id", "hf_config", "hf_train_split", "hf_test_split")
+        c.int("validation_size", 0).int("max_train", 0).int("max_test", 0).int("seed", 0, 2**32 - 1)
+        c.int("n_train", 1).int("n_test", 1).int("min_steps", 1)
+        c.int("max_steps", self.min_steps, note=f"at least {prefix}min_steps")
+        c.int("max_number", 4).choice("gold_order", ("random", "built")).int("max_prompt_tokens", 0)
+        c.choice("long_prompts", ("error", "skip"))
+        c.bool("skip_bad_rows", "test_only", "choice_guard", "program_header_in_prompt")
+        for key in ("question_field", "cot_field", "answer_field", "id_field"):
+            c.str(key, nonempty=True)
+        if self.name == "json" and not self.test_path:
+            c.fail("test_path", "data.name=json needs data.test_path (and data.train_path, or data.test_only=true)")
+        if self.name == "json" and not (self.train_path or self.test_only):
+            c.fail("train_path", "data.name=json needs data.train_path (or data.test_only=true)")
+        if self.name == "hf":
+            if not self.hf_id:
+                c.fail("hf_id", "data.name=hf needs data.hf_id (a Hugging Face datasets id)")
+            try:
+                import datasets  # noqa: F401  (optional extra)
+            except ImportError:
+                c.fail("name", "data.name=hf needs the `datasets` package: pip install datasets "
+                               "(or pip install 'reftune[hf]')")
 
 
 @dataclass

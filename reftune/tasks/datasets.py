@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from reftune.config import read_text_utf8
 from reftune.rewards import answers, grading
 from reftune.tasks.base import NL_ANSWER_PREFIX, DataConfig, Example, Task
 
@@ -141,6 +142,10 @@ def convert_row(row: dict, index: int, *, fields: Fields, answer_type: str, styl
             if required:
                 raise DatasetError(f"{at}: missing field {name!r} (fields present: {sorted(row)})")
             return None
+        # A list, an object or a boolean is not text: str() of it would be read as its first number.
+        if isinstance(value, (list, dict, bool)):
+            raise DatasetError(f"{at}: field {name!r} is a JSON {type(value).__name__} ({json.dumps(value)[:60]}); "
+                               f"expected a string or a number")
         return value
 
     question = str(get(fields.question)).strip()
@@ -161,6 +166,9 @@ def convert_row(row: dict, index: int, *, fields: Fields, answer_type: str, styl
     else:
         raw_answer = get(fields.answer)
     raw_answer = str(raw_answer).strip()
+    if raw_answer[:1] in "[{" and _is_json_container(raw_answer):
+        raise DatasetError(f"{at}: field {fields.answer!r} holds {raw_answer[:60]!r}, a list or object; "
+                           f"a gold answer is one number or option letter")
 
     options = None
     if answer_type == "choice":
@@ -181,6 +189,13 @@ def convert_row(row: dict, index: int, *, fields: Fields, answer_type: str, styl
     return Example(row_id, question, answer, cot, options)
 
 
+def _is_json_container(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), (list, dict))
+    except ValueError:
+        return False
+
+
 # ----------------------------------------------------------------------------------------------
 # files
 # ----------------------------------------------------------------------------------------------
@@ -190,7 +205,7 @@ def read_rows(path: Path, skip_bad_rows: bool, stats: dict) -> list[tuple[int, s
     if not path.is_file():
         raise DatasetError(f"{path}: file not found (resolved: {path.resolve()}); set data.data_dir to the "
                            "folder holding the dataset files, or data.train_path / data.test_path")
-    text = path.read_text(encoding="utf-8")
+    text = read_text_utf8(path, DatasetError)
     if not text.strip():
         raise DatasetError(f"{path}: file is empty")
     if text.lstrip().startswith("["):
@@ -253,13 +268,18 @@ def hf_rows_to_examples(rows, cfg: DataConfig, split: str, need_cot: bool, stats
 def _load_hf_split(cfg: DataConfig, split: str, need_cot: bool, stats: dict) -> list[Example]:
     try:
         import datasets  # optional extra: pip install 'reftune[hf]'
-    except ImportError as e:
-        raise ImportError("data.name=hf needs the `datasets` package: pip install 'reftune[hf]'") from e
+    except ImportError:
+        raise DatasetError("data.name=hf needs the `datasets` package: pip install datasets "
+                           "(or pip install 'reftune[hf]')") from None
     kwargs = {}
     if cfg.hf_id in ("json", "csv", "parquet"):  # datasets' builders for local files
         kwargs["data_files"] = {cfg.hf_train_split: cfg.train_path, cfg.hf_test_split: cfg.test_path}
         kwargs["data_files"] = {k: v for k, v in kwargs["data_files"].items() if v}
-    rows = datasets.load_dataset(cfg.hf_id, cfg.hf_config or None, split=split, **kwargs)
+    try:
+        rows = datasets.load_dataset(cfg.hf_id, cfg.hf_config or None, split=split, **kwargs)
+    except Exception as e:  # offline, unknown id, missing split...: datasets raises many types
+        raise DatasetError(f"data.hf_id={cfg.hf_id!r} split {split!r}: cannot load it with `datasets` "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     return hf_rows_to_examples(rows, cfg, split, need_cot, stats)
 
 

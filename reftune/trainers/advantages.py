@@ -1,10 +1,11 @@
 """Advantage estimators for ReFT's PPO, behind one registry that validation, construction and the
 error message all read. Each estimator is a tensor-in, tensor-out function of the rollout:
 
-    estimate(scores (B,), kl (B, R), old_values (B, R) | None, response_mask (B, R), cfg, kl_coef)
-        -> (advantages (B, R), returns (B, R) | None)
+    estimate(scores (B,), kl (B, R), old_values (B, R) | None, response_mask (B, R), cfg, kl_coef,
+             reduce=None) -> (advantages (B, R), returns (B, R) | None)
 
-`kl` is the per-token KL to the reference of the sampled tokens (computed once per step).
+`kl` is the per-token KL to the reference of the sampled tokens (computed once per step); `reduce`
+sums a tensor over processes when the batch is split over several (None: one process).
 """
 
 from __future__ import annotations
@@ -15,19 +16,20 @@ from typing import Callable
 from reftune.trainers import algorithms as A
 
 
-def gae_advantages(scores, kl, old_values, response_mask, cfg, kl_coef):
+def gae_advantages(scores, kl, old_values, response_mask, cfg, kl_coef, reduce=None):
     """The paper: token rewards (score on the last token, -kl_coef*KL on every token when the KL
     is in the reward), GAE with the value head, whitened over the batch's response tokens."""
     rewards = A.token_rewards(scores, kl if cfg.kl_in_reward else kl.new_zeros(kl.shape), response_mask, kl_coef)
     advantages, returns = A.gae(rewards, old_values, response_mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
-        advantages = A.masked_whiten(advantages, response_mask)
+        advantages = A.masked_whiten(advantages, response_mask, reduce=reduce)
     return advantages, returns
 
 
 def _group(method: str):
-    def estimate(scores, kl, old_values, response_mask, cfg, kl_coef):
-        """Critic-free: a sequence-level advantage from the samples of each question, on every token."""
+    def estimate(scores, kl, old_values, response_mask, cfg, kl_coef, reduce=None):
+        """Critic-free: a sequence-level advantage from the samples of each question, on every token
+        (a question's samples are always on one process: no reduction needed)."""
         seq_adv = A.group_advantages(scores, cfg.samples_per_prompt, method)
         return A.broadcast_sequence_advantages(seq_adv, response_mask), None
 

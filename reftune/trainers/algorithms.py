@@ -50,13 +50,24 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True,
+                  reduce: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """(x - mean) * rsqrt(var + 1e-8) with the masked mean and unbiased masked variance over all
     masked elements of the batch; the mean is added back when `shift_mean` is False (scale only).
 
+    `reduce` (a sum over processes, e.g. an all-reduce) makes the statistics those of the whole
+    batch when its rows are split over processes: the same two passes (mean, then the centred sum
+    of squares) on the global sums, so W shares of B/W rows whiten like one batch of B.
     Output has the shape of `x` and is zeroed where `mask` is 0.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    if reduce is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        totals = reduce(torch.stack([masked_sum(x, mask), mask.bool().sum().to(x.dtype)]))
+        n = totals[1]
+        mean = totals[0] / n.clamp(min=1)
+        var = reduce(masked_sum((x - mean) ** 2, mask)) / n.clamp(min=1)
+        var = var * n / (n - 1).clamp(min=1)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean

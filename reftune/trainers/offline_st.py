@@ -67,6 +67,25 @@ class OfflineSTConfig:
     sft: SFTConfig = field(default_factory=_offline_sft)
     """SFT settings (model, data, out_dir and seed are set here; the paper: 20 epochs, lr 1e-5)."""
 
+    def validate(self, prefix: str = "") -> None:
+        from reftune.validate import Checks
+
+        c = Checks(self, prefix)
+        c.str("base_model", "warmup_model", "samples").out_dir().int("k", 1).int("max_per_question", 0)
+        c.int("step_budget_epochs", 0).temperature().top_p().int("max_new_tokens", 1).int("chunk_size", 1)
+        c.int("gen_batch_size", 1).engine().int("seed", 0, 2**32 - 1).device().dtype().bool("progress")
+        if not self.base_model:
+            c.fail("base_model", "must be set: the model SFT starts from (the paper: the base model)")
+        self.data.validate(prefix + "data.")
+        d = _offline_sft()
+        c.derived("sft", {"model": (d.model, self.base_model), "data": (d.data, self.data), "out_dir": (d.out_dir,),
+                          "seed": (d.seed, self.seed)}, "offline-st (from base_model, data.*, out_dir and seed)")
+        self.sft.validate(prefix + "sft.")
+
+
+# Settings a rerun may change without changing what the run computes.
+RESUME_FREE = ("progress", "chunk_size", "gen_batch_size", "device")
+
 
 def build_offline_st_examples(task_examples: list[Example], samples: list[dict],
                               max_per_question: int = 10) -> list[Example]:
@@ -104,41 +123,73 @@ def build_offline_st_examples(task_examples: list[Example], samples: list[dict],
     return out
 
 
-def run_offline_st(cfg: OfflineSTConfig, task: Task | None = None, samples: list[dict] | None = None) -> dict:
+def run_offline_st(cfg: OfflineSTConfig, task: Task | None = None, samples: list[dict] | None = None,
+                   overwrite: bool = False) -> dict:
     """Sample (or read) the warm-up model's CoTs, build the data, SFT from the base model.
 
     Returns the SFT result ({"best_checkpoint", "checkpoints", "history", ...}) plus the data
     statistics {"n_gold", "n_kept", "questions_with_kept"}. `samples` (records) skips sampling.
     """
-    from reftune.engines import make_generator
-    from reftune.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
-    from reftune.inference.sample import read_samples, sample_to_file
-    from reftune.trainers.sft import run_sft
+    from reftune.model_files import check_model_source
+    from reftune.models import load_tokenizer
+    from reftune.prompt_guard import guard_prompts, model_context
+    from reftune.runs import RunFolderError, claim_run, config_changes
     from reftune.tasks import load_task
-    from reftune.runs import start_run, write_json
 
-    # 1. Run folder and task.
-    if not cfg.base_model:
-        raise ValueError("offline-st: set base_model (the model SFT starts from)")
-    run_dir = start_run(cfg.out_dir, cfg)
+    # 1. Config, task, models and the samples file checked; then the run folder is claimed. A rerun
+    # with the same settings resumes (sampling, then SFT); other settings need --overwrite.
+    cfg.validate()
+    sample_here = samples is None and not cfg.samples
+    if sample_here and not cfg.warmup_model:
+        raise ValueError("offline-st: set warmup_model (to sample from) or samples (a samples file)")
     task = task or load_task(cfg.data)
+    check_model_source(cfg.base_model, key="base_model")
+    if sample_here:
+        check_model_source(cfg.warmup_model, key="warmup_model")
+        task = guard_prompts(task, load_tokenizer(cfg.warmup_model), model_context(cfg.warmup_model), cfg.data,
+                             ("train",))
+    if samples is None and cfg.samples and not Path(cfg.samples).is_file():
+        raise FileNotFoundError(f"offline-st: samples file not found: {cfg.samples}")
+    folder = claim_run(cfg.out_dir, "reftune offline-st")
+    try:
+        changed = config_changes(folder.path, cfg, RESUME_FREE)
+        if changed and not overwrite:
+            raise RunFolderError(f"{folder.path} holds an offline-st run with other settings ({', '.join(changed)} "
+                                 f"differ): rerun with the same settings to resume it, choose another out_dir, or "
+                                 f"pass --overwrite to replace it")
+        if overwrite:
+            folder.clear()
+        run_dir = folder.begin(cfg)
+        result = _offline_st_stages(cfg, task, samples, run_dir, sample_here)
+    finally:
+        folder.release()
+    return result
 
-    # 2. The warm-up model's samples over the training split: given, read, or drawn here (resumable).
+
+def _offline_st_stages(cfg: OfflineSTConfig, task: Task, samples, run_dir: Path, sample_here: bool) -> dict:
+    from reftune.compare.compare import check_samples_origin
+    from reftune.engines import make_generator
+    from reftune.inference.sample import read_samples, sample_to_file
+    from reftune.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+    from reftune.runs import write_json
+    from reftune.trainers.sft import run_sft
+
+    # 2. The warm-up model's samples over the training split: given, read, or drawn here (resumable,
+    # and only from the model and settings they were first drawn with).
     if samples is None and cfg.samples:
-        if not Path(cfg.samples).exists():
-            raise FileNotFoundError(f"offline-st: samples file not found: {cfg.samples}")
         samples = read_samples(cfg.samples)
-    if samples is None:
-        if not cfg.warmup_model:
-            raise ValueError("offline-st: set warmup_model (to sample from) or samples (a samples file)")
+    if sample_here:
+        path = run_dir / "train_samples.jsonl"
+        check_samples_origin(path, {"checkpoint": cfg.warmup_model, "k": cfg.k, "temperature": cfg.temperature,
+                                    "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+                                    "engine": cfg.engine, "data": dataclasses.asdict(cfg.data)})
         device = resolve_device(cfg.device)
         tokenizer = load_tokenizer(cfg.warmup_model)
         model = load_causal_lm(cfg.warmup_model, device, resolve_dtype(cfg.dtype, device))
         generator = make_generator(cfg.engine, model, tokenizer, cfg.gen_batch_size, seed=cfg.seed,
                                    model_path=cfg.warmup_model)
-        samples = sample_to_file(generator, task, task.train, run_dir / "train_samples.jsonl", cfg.k,
-                                 cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.chunk_size, cfg.seed,
-                                 cfg.progress)
+        samples = sample_to_file(generator, task, task.train, path, cfg.k, cfg.temperature, cfg.top_p,
+                                 cfg.max_new_tokens, cfg.chunk_size, cfg.seed, cfg.progress)
         del model, generator  # free it before SFT loads the base model
 
     # 3. Gold + distinct correct samples.
@@ -155,7 +206,8 @@ def run_offline_st(cfg: OfflineSTConfig, task: Task | None = None, samples: list
         epochs = stats["epochs"] = max(1, round(cfg.step_budget_epochs * n_gold / len(examples)))
     sft_cfg = dataclasses.replace(cfg.sft, model=cfg.base_model, data=copy.deepcopy(cfg.data), seed=cfg.seed,
                                   epochs=epochs, out_dir=str(run_dir / "sft"), progress=cfg.sft.progress and cfg.progress)
-    result = run_sft(sft_cfg, task=task, train_examples=examples)
+    # A rerun continues the SFT stage an earlier, interrupted run of these settings started.
+    result = run_sft(sft_cfg, task=task, train_examples=examples, resume=(run_dir / "sft" / "config.yaml").exists())
     result = {**result, **stats}
     write_json(run_dir / "result.json", result)
     return result

@@ -23,7 +23,8 @@ from reftune.models import autocast
 from reftune.rewards.score import RewardSpec
 from reftune.tasks import Task
 from reftune.trainers.loop import Callbacks, OnlineConfig, OnlineRun
-from reftune.trainers.rollout import sample_and_score, step_questions
+from reftune.trainers.distributed import scalar
+from reftune.trainers.rollout import sample_and_score
 from reftune.trainers.supervised import encode_sft_example, token_mean_ce
 
 
@@ -42,10 +43,11 @@ class OnlineSTConfig(OnlineConfig):
     max_length: int = 1024
     """Prompt + CoT tokens kept in the cross-entropy."""
 
-    def validate(self) -> None:
-        super().validate()
-        if not 0.0 <= self.own_weight <= 1.0:
-            raise ValueError(f"own_weight must be in [0, 1], got {self.own_weight}")
+    def validate(self, prefix: str = "") -> None:
+        from reftune.validate import Checks
+
+        super().validate(prefix)
+        Checks(self, prefix).int("update_epochs", 1).float("own_weight", 0.0, 1.0).int("max_length", 2)
 
 
 def online_st_config_from_reft(reft_cfg, **overrides) -> OnlineSTConfig:
@@ -102,10 +104,10 @@ def split_even(items: list, parts: int) -> list[list]:
 
 
 def run_online_st(cfg: OnlineSTConfig, resume: bool = False, task: Task | None = None,
-                  callbacks: Callbacks | None = None) -> dict:
+                  callbacks: Callbacks | None = None, overwrite: bool = False) -> dict:
     """Train; returns {"best_checkpoint", "best_accuracy", "last_checkpoint", "history"}."""
     # 1. Config checked, run folder, task, seeds, policy (warm-up model or last checkpoint), engine.
-    run = OnlineRun(cfg, "online-st", resume=resume, task=task, callbacks=callbacks)
+    run = OnlineRun(cfg, "online-st", resume=resume, task=task, callbacks=callbacks, overwrite=overwrite)
     model, tokenizer, device, amp = run.model, run.tokenizer, run.device, run.amp
 
     # 2. Optimizer (restored when resuming). No value head, no reference model.
@@ -116,7 +118,7 @@ def run_online_st(cfg: OnlineSTConfig, resume: bool = False, task: Task | None =
     for step in run.steps():
         t0 = time.time()
         # 3. Rollout: sample this step's questions and grade the answers (ReFT's reward, for the logs).
-        questions = step_questions(run.task.train, step, cfg.questions_per_step, cfg.seed)
+        questions = run.questions(step)  # this process's share
         scored = sample_and_score(run.generator, run.task, questions, cfg.samples_per_prompt, cfg.temperature,
                                   cfg.top_p, cfg.max_new_tokens, RewardSpec())
         t_gen = time.time() - t0
@@ -127,7 +129,8 @@ def run_online_st(cfg: OnlineSTConfig, resume: bool = False, task: Task | None =
         # 5. Update epochs: as many mini-batches as ReFT's PPO (but no more than there are gold CoTs,
         # so every mini-batch has its gold half), each mixing an even share of both halves.
         model.train()
-        n_updates = max(1, min(math.ceil(len(scored.graded) / cfg.mini_batch_size), len(data.gold)))
+        # (The same count on every process: the batch and mini_batch_size are global.)
+        n_updates = max(1, min(math.ceil(len(scored.graded) * run.dist.world_size / cfg.mini_batch_size), len(data.gold)))
         stats: dict[str, list[float]] = {}
         shuffle_rng.seed(cfg.seed * 100_003 + step)  # a function of the step: resume sees the same order
         for _ in range(cfg.update_epochs):
@@ -136,7 +139,7 @@ def run_online_st(cfg: OnlineSTConfig, resume: bool = False, task: Task | None =
             shuffle_rng.shuffle(gold)
             for own_part, gold_part in zip(split_even(own, n_updates), split_even(gold, n_updates)):
                 with autocast(amp, device):
-                    gold_loss, own_loss = token_mean_ce(model, [gold_part, own_part], tokenizer.pad_token_id, device)
+                    gold_loss, own_loss = token_mean_ce(run.train_model, [gold_part, own_part], tokenizer.pad_token_id, device)
                 if own_loss is None:
                     loss = gold_loss  # nothing correct in this share: only the gold term
                 else:
@@ -150,7 +153,7 @@ def run_online_st(cfg: OnlineSTConfig, resume: bool = False, task: Task | None =
                 parts = {"loss": loss, "grad_norm": grad_norm, "loss_gold": gold_loss, "loss_own": own_loss}
                 for k, v in parts.items():
                     if v is not None:
-                        stats.setdefault(k, []).append(float(v.detach()))
+                        stats.setdefault(k, []).append(scalar(v.detach()))
 
         # 6. Metrics of this iteration (score and response length comparable with ReFT's).
         n_rows = len(scored.graded)
@@ -164,6 +167,7 @@ def run_online_st(cfg: OnlineSTConfig, resume: bool = False, task: Task | None =
             "online_st/seconds_generate": t_gen,
             **{f"online_st/{k}": sum(v) / len(v) for k, v in stats.items()},
         }
+        metrics = run.average(metrics)  # over processes (each CE is a mean over its own share)
         # 7. Engine sync, periodic evaluation + best policy, history, log, resumable checkpoint.
         run.end_step(step, metrics, postfix=dict(score=f"{metrics['online_st/score']:.3f}", own=len(data.own)))
     return run.finish()

@@ -20,9 +20,10 @@ from reftune.rewards.score import RewardSpec
 from reftune.tasks import Task
 from reftune.trainers import algorithms as A
 from reftune.trainers.advantages import get_estimator
+from reftune.trainers.distributed import scalar
 from reftune.trainers.loop import Callbacks, OnlineConfig, OnlineRun
 from reftune.trainers.policy import ValueHead, policy_forward
-from reftune.trainers.rollout import sample_and_score, step_questions
+from reftune.trainers.rollout import sample_and_score
 
 KL_COEF_BY_STYLE = {"nl": 0.05, "program": 0.01}  # the release's defaults (0.01 for MathQA-numeric N-CoT)
 KL_ESTIMATORS = ("k1", "k3")
@@ -79,20 +80,28 @@ class ReFTConfig(OnlineConfig):
         (critic-free estimators have no per-token credit for a KL-shaped reward)."""
         return not self.kl_in_reward or not get_estimator(self.advantage, self.samples_per_prompt).uses_value_head
 
-    def validate(self) -> None:
-        super().validate()
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
+    def validate(self, prefix: str = "") -> None:
+        from reftune.validate import Checks
+
+        super().validate(prefix)
+        c = Checks(self, prefix)
+        c.str("ref_model").int("ppo_epochs", 1).float("gamma", 0.0, 1.0).float("lam", 0.0, 1.0)
+        c.float("clip", 0.0, lo_open=True).float("vf_clip", 0.0, lo_open=True).float("vf_coef", 0.0)
+        c.float("value_dropout", 0.0, 1.0, hi_open=True).choice("kl_estimator", KL_ESTIMATORS)
+        if self.kl_coef is not None:
+            c.float("kl_coef", 0.0, note="null: the release's default for the CoT style")
+        c.bool("whiten_advantages", "kl_in_reward").float("score_correct").float("score_wrong").float("score_none")
         get_estimator(self.advantage, self.samples_per_prompt)
         if self.questions_per_step * self.samples_per_prompt < self.mini_batch_size:
-            raise ValueError("mini_batch_size is larger than the rollout batch (questions_per_step * samples_per_prompt)")
+            c.fail("mini_batch_size", f"is larger than the rollout batch (questions_per_step * samples_per_prompt = "
+                                      f"{self.questions_per_step * self.samples_per_prompt})")
 
 
 def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
-             callbacks: Callbacks | None = None) -> dict:
+             callbacks: Callbacks | None = None, overwrite: bool = False) -> dict:
     """Train with PPO; returns {"best_checkpoint", "best_accuracy", "last_checkpoint", "kl_coef", "history"}."""
     # 1. Config checked, run folder, task, seeds, policy (warm-up model or last checkpoint), engine.
-    run = OnlineRun(cfg, "reft", resume=resume, task=task, callbacks=callbacks)
+    run = OnlineRun(cfg, "reft", resume=resume, task=task, callbacks=callbacks, overwrite=overwrite, command="train")
     model, device, amp = run.model, run.device, run.amp
     estimator = get_estimator(cfg.advantage, cfg.samples_per_prompt)
     kl_coef = cfg.kl_coef if cfg.kl_coef is not None else KL_COEF_BY_STYLE[run.task.style]
@@ -103,14 +112,20 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
     value_head = None
     if estimator.uses_value_head:
         value_head = ValueHead(model.config.hidden_size, cfg.value_dropout).to(device, dtype)  # dtype: bf16 hidden states
+    # What forwards and backwards go through: the modules themselves, or their data-parallel wrappers.
+    policy, critic = run.train_model, (run.wrap(value_head) if value_head is not None else None)
     params = list(model.parameters()) + (list(value_head.parameters()) if value_head is not None else [])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     run.attach(optimizer, value_head)
+    mini_batch = cfg.mini_batch_size // run.dist.world_size  # rows per process in each mini-batch
+    if mini_batch * run.dist.world_size != cfg.mini_batch_size:
+        raise ValueError(f"mini_batch_size={cfg.mini_batch_size} does not split over {run.dist.world_size} processes")
+    reduce = run.dist.all_reduce_sum if run.dist.enabled else None
 
     for step in run.steps():
         t0 = time.time()
         # 3. Rollout: sample CoTs for this step's questions and score the answers.
-        questions = step_questions(run.task.train, step, cfg.questions_per_step, cfg.seed)
+        questions = run.questions(step)  # this process's share
         scored = sample_and_score(run.generator, run.task, questions, cfg.samples_per_prompt, cfg.temperature,
                                   cfg.top_p, cfg.max_new_tokens, cfg.reward)
         ro = scored.rollout
@@ -124,7 +139,7 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
             model.eval()
             if value_head is not None:
                 value_head.eval()
-            old_logprobs, old_values, _ = policy_forward(model, value_head, input_ids, attention_mask, ro.response_ids,
+            old_logprobs, old_values, _ = policy_forward(policy, critic, input_ids, attention_mask, ro.response_ids,
                                                          P, cfg.temperature)
             ref_logprobs, _, _ = policy_forward(ref_model, None, input_ids, attention_mask, ro.response_ids, P,
                                                 cfg.temperature)
@@ -134,7 +149,7 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
                 run.fail("KL to the reference", mean_kl, step)
             # 5. Rewards and advantages (GAE with the value head, or group-relative without).
             scores = scored.scores.to(device)
-            advantages, returns = estimator.estimate(scores, kl, old_values, response_mask, cfg, kl_coef)
+            advantages, returns = estimator.estimate(scores, kl, old_values, response_mask, cfg, kl_coef, reduce)
 
         # 6. PPO epochs over shuffled mini-batches.
         model.train()
@@ -143,10 +158,10 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
         stats: dict[str, list[float]] = {}
         B = input_ids.shape[0]
         for _ in range(cfg.ppo_epochs):
-            for idx in torch.randperm(B).split(cfg.mini_batch_size):
+            for idx in torch.randperm(B).split(mini_batch):
                 mb_mask = response_mask[idx]
                 with autocast(amp, device):
-                    logprobs, values, logits = policy_forward(model, value_head, input_ids[idx], attention_mask[idx],
+                    logprobs, values, logits = policy_forward(policy, critic, input_ids[idx], attention_mask[idx],
                                                               ro.response_ids[idx], P, cfg.temperature)
                 pg_loss, pg_stats = A.ppo_policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.clip)
                 loss = pg_loss
@@ -166,7 +181,7 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
                     entropy = A.masked_mean(A.entropy_from_logits(logits.detach()), mb_mask)
                 optimizer.step()
                 for k, v in {**pg_stats, "pg_loss": pg_loss.detach(), "entropy": entropy, "grad_norm": grad_norm}.items():
-                    stats.setdefault(k, []).append(float(v))
+                    stats.setdefault(k, []).append(scalar(v))
 
         # 7. Metrics of this iteration.
         n_rows = len(scored.graded)
@@ -186,6 +201,7 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
         if ro.sampling_logprobs is not None:  # engines with their own numerics (vLLM): how far they are
             gap = (ro.sampling_logprobs.to(device) - old_logprobs).abs()
             metrics["reft/engine_logprob_gap"] = float(A.masked_mean(gap, response_mask))
+        metrics = run.average(metrics)  # over processes: every one holds the same number of rows
         # 8. Engine sync, periodic evaluation + best policy, history, log, resumable checkpoint.
         run.end_step(step, metrics, postfix=dict(score=f"{metrics['reft/score']:.3f}", kl=f"{mean_kl:.3f}"))
     return run.finish(kl_coef=kl_coef)

@@ -26,7 +26,8 @@ import torch
 from reftune.batching import pad_with_mask
 from reftune.inference.rerank import POSITIVE, encode_rm_input, load_reward_model
 from reftune.models import resolve_device, resolve_dtype, save_hf
-from reftune.runs import RunLogger, atomic_save, progress, start_run, write_json
+from reftune.model_files import check_model_source
+from reftune.runs import RunLogger, atomic_save, claim_run, prepare_training_folder, progress, write_json
 from reftune.tasks import Task
 from reftune.trainers.supervised import linear_schedule, shuffled_batches
 from reftune.types import Example
@@ -69,6 +70,15 @@ class RewardModelConfig:
     progress: bool = True
     """Show a progress bar."""
 
+    def validate(self, prefix: str = "") -> None:
+        from reftune.validate import Checks
+
+        c = Checks(self, prefix)
+        c.str("model").out_dir().int("epochs", 1).float("lr", 0.0, lo_open=True).int("batch_size", 1)
+        c.float("warmup_ratio", 0.0, 1.0).float("weight_decay", 0.0).float("max_grad_norm", 0.0, lo_open=True)
+        c.int("max_length", 2).int("max_examples", 0).bool("balance_classes", "progress").int("score_batch_size", 1)
+        c.int("seed", 0, 2**32 - 1).device().dtype()
+
 
 def rm_training_data(task: Task, records: list[dict]) -> tuple[list[str], list[str], list[int]]:
     """(prompts, completions, labels) from samples records: each distinct completion of a question
@@ -89,11 +99,22 @@ def rm_training_data(task: Task, records: list[dict]) -> tuple[list[str], list[s
 
 def train_reward_model(cfg: RewardModelConfig, prompts: list[str], completions: list[str], labels: list[int]) -> dict:
     """Train the classifier; returns {"checkpoint", "history", "n", "positive_fraction", "seconds"}."""
-    # 1. Run folder, seeds, data checks.
+    # 1. Config and data checked, run folder claimed, seeds.
+    cfg.validate()
     if not prompts or not (len(prompts) == len(completions) == len(labels)):
         raise ValueError(f"reward model: need equal, non-empty prompts/completions/labels, got "
                          f"{len(prompts)}/{len(completions)}/{len(labels)}")
-    run_dir = start_run(cfg.out_dir, cfg)
+    check_model_source(cfg.model, key="rm.model")
+    folder = claim_run(cfg.out_dir, "reftune compare (reward model)")
+    try:
+        prepare_training_folder(folder, resume=False, overwrite=False, command="compare")
+        run_dir = folder.begin(cfg)
+        return _train(cfg, run_dir, prompts, completions, labels)
+    finally:
+        folder.release()
+
+
+def _train(cfg: RewardModelConfig, run_dir, prompts, completions, labels) -> dict:
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)

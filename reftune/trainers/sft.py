@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from reftune.engines import check_engine
-from reftune.inference.evaluate import evaluate
 from reftune.models import autocast, save_hf
 from reftune.runs import atomic_save, progress, write_json
 from reftune.tasks import Example, Task
-from reftune.trainers.loop import RunConfig, open_run
+from reftune.trainers.checkpoints import restore_sft_state, save_sft_state
+from reftune.trainers.distributed import Dist, copy_into, full_state_dict, scalar
+from reftune.trainers.loop import RunConfig, evaluate_split, open_run
 from reftune.trainers.supervised import IGNORE, collate, encode_sft_example, linear_schedule, sft_loss, shuffled_batches
 
 SFT_EVAL_SPLITS = ("validation", "test", "none")
@@ -60,27 +60,39 @@ class SFTConfig(RunConfig):
     log_every: int = 10
     """Optimizer steps between metric records."""
 
-    def validate(self) -> None:
-        super().validate()
-        if self.eval_split not in SFT_EVAL_SPLITS:
-            raise ValueError(f"eval_split must be one of {', '.join(SFT_EVAL_SPLITS)}, got {self.eval_split!r}")
-        check_engine(self.engine)
+    def validate(self, prefix: str = "") -> None:
+        from reftune.validate import Checks
+
+        super().validate(prefix)
+        c = Checks(self, prefix)
+        c.int("epochs", 1).int("batch_size", 1).int("grad_accum", 1).float("lr", 0.0, lo_open=True)
+        c.float("warmup_ratio", 0.0, 1.0).float("weight_decay", 0.0).float("max_grad_norm", 0.0, lo_open=True)
+        c.int("max_length", 2).choice("eval_split", SFT_EVAL_SPLITS).int("eval_max_new_tokens", 1)
+        c.int("eval_batch_size", 1).engine().int("log_every", 1)
+        if not isinstance(self.save_epochs, list) or any(
+                not isinstance(e, int) or isinstance(e, bool) or not 1 <= e <= self.epochs for e in self.save_epochs):
+            c.fail("save_epochs", f"must be a list of epochs between 1 and epochs={self.epochs} (empty: every epoch)")
 
 
-def run_sft(cfg: SFTConfig, task: Task | None = None, train_examples: list[Example] | None = None) -> dict:
+def run_sft(cfg: SFTConfig, task: Task | None = None, train_examples: list[Example] | None = None,
+            resume: bool = False, overwrite: bool = False) -> dict:
     """Train; returns {"checkpoints": {epoch: path}, "best_epoch", "best_checkpoint", "history"}.
 
     `train_examples` replaces the task's training split (Offline self-training passes gold CoTs
-    plus the model's own correct samples).
+    plus the model's own correct samples). `resume` continues at the last complete epoch with the
+    data order, LR schedule, optimizer and RNG state the uninterrupted run would have had (saved
+    after every epoch in `resume/`).
     """
     # 1. Config and task checked, run folder, seeds, model, evaluation engine.
     def check_task(task: Task) -> None:
         if not (train_examples if train_examples is not None else task.train):
             raise ValueError(f"task {task.name}: the training split is empty")
 
-    run = open_run(cfg, task=task, engine=cfg.engine, gen_batch_size=cfg.eval_batch_size, check_task=check_task)
+    run = open_run(cfg, task=task, engine=cfg.engine, gen_batch_size=cfg.eval_batch_size, check_task=check_task,
+                   resume=resume, overwrite=overwrite, command="sft")
     task, model, tokenizer, device, amp, run_dir = run.task, run.model, run.tokenizer, run.device, run.amp, run.run_dir
     examples = train_examples if train_examples is not None else task.train
+    dist, train_model = run.dist, run.train_model  # train_model: `model`, or its data-parallel wrapper
     model.train()
 
     # 2. Tokenise once: (ids, labels) per example.
@@ -96,23 +108,38 @@ def run_sft(cfg: SFTConfig, task: Task | None = None, train_examples: list[Examp
     order_rng = random.Random(cfg.seed)
     checkpoints, history = {}, []
     best_epoch, best_acc = None, -1.0
-    step = 0
-    bar = progress(total_steps, "sft", disable=not cfg.progress)
+    step, first_epoch = 0, 1
+    if run.latest:  # the state after the last complete epoch: continue exactly where it stopped
+        first_epoch, step, best_epoch, best_acc, checkpoints, history = restore_sft_state(
+            run.latest[1], optimizer, scheduler, order_rng, run.generator)
+    logger.truncate_after(step)
+    bar = progress(total_steps, "sft", disable=not cfg.progress or not dist.is_main)
+    bar.update(step)
     start = time.time()
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(first_epoch, cfg.epochs + 1):
         # 4. One epoch: shuffled micro-batches, token-weighted accumulation, clip, step.
         micro = shuffled_batches(len(data), cfg.batch_size, order_rng)
         epoch_loss, epoch_tokens = 0.0, 0
         for group_start in range(0, len(micro), cfg.grad_accum):
-            group = [collate([data[i] for i in idx], tokenizer.pad_token_id) for idx in micro[group_start:group_start + cfg.grad_accum]]
-            n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
+            indices = micro[group_start:group_start + cfg.grad_accum]
+            # The token count of the whole accumulated batch (every rank holds all the data), so each
+            # rank's share divides by the same number and the ranks' gradients average to one batch's.
+            n_tokens = sum(int((collate([data[i] for i in idx], tokenizer.pad_token_id)["labels"][:, 1:] != IGNORE).sum())
+                           for idx in indices) if dist.enabled else None
+            group = [collate([data[i] for i in rows], tokenizer.pad_token_id)
+                     for rows in (share_rows(idx, dist) for idx in indices)]
+            if n_tokens is None:
+                n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
             loss_sum = 0.0
-            for batch in group:
+            for batch, idx in zip(group, indices):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with autocast(amp, device):
-                    loss, _ = sft_loss(model, batch)
-                (loss / max(n_tokens, 1)).backward()
+                    loss, _ = sft_loss(train_model, batch)
+                if dist.enabled and not dist.uneven_slice(idx):  # no row for this rank: a zero-weight stand-in
+                    loss = loss * 0.0
+                (loss * dist.world_size / max(n_tokens, 1)).backward()
                 loss_sum += loss.item()
+            loss_sum = dist.sum_floats(loss_sum)[0]
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(f"sft: loss is {loss_sum} at step {step + 1}; lower lr or check the data "
                                          f"(checkpoints saved so far are intact)")
@@ -126,24 +153,35 @@ def run_sft(cfg: SFTConfig, task: Task | None = None, train_examples: list[Examp
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / max(n_tokens, 1):.3f}", epoch=epoch)
             if step % cfg.log_every == 0 or step == total_steps:
-                logger.log(step, {"train/loss": loss_sum / max(n_tokens, 1), "train/grad_norm": float(grad_norm),
+                logger.log(step, {"train/loss": loss_sum / max(n_tokens, 1), "train/grad_norm": scalar(grad_norm),
                                   "train/lr": lr_used, "train/epoch": epoch})
 
         # 5. End of epoch: evaluate, checkpoint, remember the best epoch.
         record = {"epoch": epoch, "train_loss": epoch_loss / max(epoch_tokens, 1), "elapsed": round(time.time() - start, 1)}
+        if dist.sharded:
+            copy_into(run.rollout_model, train_model, dist)
         run.generator.sync_weights()  # engines with their own copy of the weights evaluate this epoch's
         if eval_examples:
-            summary, _ = evaluate(run.generator, task, eval_examples, cfg.eval_max_new_tokens)
-            record[f"{cfg.eval_split}_accuracy"] = summary["accuracy"]
-            if summary["accuracy"] > best_acc:
-                best_epoch, best_acc = epoch, summary["accuracy"]
+            accuracy = evaluate_split(run.generator, task, eval_examples, cfg.eval_max_new_tokens, dist)
+            record[f"{cfg.eval_split}_accuracy"] = accuracy
+            if accuracy > best_acc:
+                best_epoch, best_acc = epoch, accuracy
+        policy_state = full_state_dict(model, dist) if dist.sharded else None  # a collective under fsdp2
         if not cfg.save_epochs or epoch in cfg.save_epochs or epoch == cfg.epochs:
-            path = atomic_save(lambda d: save_hf(model, tokenizer, d), run_dir / "checkpoints" / f"epoch-{epoch}")
+            path = run_dir / "checkpoints" / f"epoch-{epoch}"
+            if dist.is_main:
+                atomic_save(lambda d: save_hf(model, tokenizer, d, policy_state), path)
             checkpoints[epoch] = str(path)
         history.append(record)
         logger.log(step, {f"epoch/{k}": v for k, v in record.items()})
-        bar.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
-                  file=sys.stderr)
+        if dist.is_main and not dist.sharded:  # (fsdp2 runs keep epoch checkpoints but no resume state yet)
+            save_sft_state(run_dir, model, tokenizer, epoch=epoch, step=step, optimizer=optimizer,
+                           scheduler=scheduler, order_rng=order_rng, generator=run.generator, history=history,
+                           checkpoints=checkpoints, best_epoch=best_epoch, best_acc=best_acc)
+        dist.barrier()
+        if dist.is_main:
+            bar.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
+                      file=sys.stderr)
     bar.close()
     logger.close()
 
@@ -154,5 +192,14 @@ def run_sft(cfg: SFTConfig, task: Task | None = None, train_examples: list[Examp
         best_epoch = max(scored)[1] if eval_examples else max(saved)
     result = {"checkpoints": checkpoints, "best_epoch": best_epoch, "best_checkpoint": checkpoints[best_epoch],
               "history": history, "seconds": round(time.time() - start, 1)}
-    write_json(run_dir / "result.json", result)
+    if dist.is_main:
+        write_json(run_dir / "result.json", result)
+        run.folder.release()
+    dist.barrier()
     return result
+
+
+def share_rows(batch: list[int], dist: Dist) -> list[int]:
+    """This rank's rows of a micro-batch; a rank left without any (a last batch smaller than the
+    world) runs the first row as a zero-weight stand-in, since every rank must take part in backward."""
+    return dist.uneven_slice(batch) or batch[:1]
