@@ -144,16 +144,16 @@ def sweep_cases(W: Path) -> list[Case]:
         for key, values in fields.items():
             for v in values:
                 cases.append(Case(f"{cmd}:{key}={v}", "sweep", [cmd, *fast(cmd, W), f"{key}={v}"],
-                                  needles=(key.rsplit(".", 1)[-1], str(v))))
+                                  needles=(key.rsplit(".", 1)[-1], str(v).lstrip("."))))
     for cmd, fields in TYPE_SWEEP.items():
         for key, v in fields.items():
             cases.append(Case(f"{cmd}:{key}={v} (type)", "sweep", [cmd, *fast(cmd, W), f"{key}={v}"],
-                              needles=(key.rsplit(".", 1)[-1], str(v))))
+                              needles=(key.rsplit(".", 1)[-1], str(v).lstrip("."))))
     for cmd in ("eval", "sft", "sample", "train", "compare"):
         for key, values in DATA_SWEEP.items():
             for v in values:
                 cases.append(Case(f"{cmd}:{key}={v}", "sweep", [cmd, *fast(cmd, W), f"{key}={v}"],
-                                  needles=(key.rsplit(".", 1)[-1], str(v))))
+                                  needles=(key.rsplit(".", 1)[-1], str(v).lstrip("."))))
     return cases
 
 

@@ -144,12 +144,21 @@ def main() -> None:
                     p.kill()
                     p.wait()
         print(f"\nafter round {r + 1}/{args.rounds} (load average {os.getloadavg()[0]:.1f}):")
-        table(results, threads, workloads, args.reps)
+        table(results, threads, workloads, args.reps, args.timeout)
 
 
-def table(results: dict, threads: dict, workloads: list[str], reps: int) -> None:
+def table(results: dict, threads: dict, workloads: list[str], reps: int, args_timeout: float) -> None:
+    inf = float("inf")
+
     def sec(x: float) -> str:
-        return "timeout" if x == float("inf") else f"{x:.3f}"
+        return "timeout" if x == inf else f"{x:.3f}"
+
+    def ratio(a: float, b: float) -> str:  # a timeout is a lower bound on its time
+        if a == inf and b == inf:
+            return "?"
+        if b == inf:
+            return f"<{a / args_timeout:.2f}x"
+        return f">{args_timeout / b:.1f}x" if a == inf else f"{a / b:.2f}x"
 
     print("| workload | setting  | threads alone/busy | alone s | busy s | busy / alone | busy / default alone |")
     print("|----------|----------|--------------------|---------|--------|--------------|----------------------|")
@@ -160,9 +169,9 @@ def table(results: dict, threads: dict, workloads: list[str], reps: int) -> None
             busy = statistics.median(results[(workload, setting, "busy")])
             t = "/".join(str(threads.get((workload, setting, c), "?")) for c in ("alone", "busy"))
             print(f"| {workload:8s} | {setting:8s} | {t:18s} | {sec(alone):>7s} | {sec(busy):>6s} | "
-                  f"{busy / alone:11.2f}x | {busy / base:19.2f}x |")
-    print(f"(seconds: median over rounds of each process's median of {reps} repetitions; "
-          f"inf ratios: the process ran past --timeout)", flush=True)
+                  f"{ratio(busy, alone):>12s} | {ratio(busy, base):>20s} |")
+    print(f"(seconds: median over rounds of each process's median of {reps} repetitions; timeout: the "
+          f"process ran past --timeout={args_timeout:.0f} s, so ratios with it are bounds)", flush=True)
 
 
 if __name__ == "__main__":

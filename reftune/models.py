@@ -121,6 +121,8 @@ def autocast(enabled: bool, device: torch.device):
 def save_hf(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> None:
     """An HF folder (config, weights, tokenizer); `state_dict` replaces the model's own (a sharded
     model's gathered weights)."""
+    if state_dict is not None and hasattr(model, "get_base_model"):  # a peft model: save as the plain model
+        model = model.get_base_model()
     if state_dict is not None and getattr(model.config, "tie_word_embeddings", False):
         # A gathered state dict holds tied weights under both names; the saved folder keeps one, as
         # save_pretrained does for the model's own.

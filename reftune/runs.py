@@ -192,7 +192,7 @@ def clean_stale(run_dir: Path) -> list[str]:
 def _lockf(fd: int) -> bool:
     try:
         import fcntl
-    except ImportError:  # no POSIX locks (Windows): the O_EXCL fallback in RunFolder.claim
+    except ImportError:  # no POSIX record locks (Windows): folders are not locked there
         return True
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -168,6 +168,8 @@ def test_online_kill_during_a_checkpoint_write(what, online_reference, warmup_mo
     """Killed while step-2's or best's new copy waits to be swapped in, or while --resume rewrites
     metrics.jsonl: the next start removes the stale copy; best/ and metrics.jsonl stay whole."""
     cmd, ref, _ = online_reference
+    if cmd == "online-st" and what != "step-000002":
+        pytest.skip("the same loop and checkpoint code as train: one write kill is enough here")
     run, marker = tmp_path / "run", tmp_path / "marker"
     argv = online_argv(cmd, warmup_model, run)
     if what == "metrics.jsonl":

@@ -10,13 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from reftune.sandbox.policy import Policy
 from reftune.sandbox.pure import is_pure
+
+UNSAFE = Policy(()).unsafe_for_pure
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def pure(source: str) -> bool:
-    return is_pure(list(ast.walk(ast.parse(source))))
+    return is_pure(list(ast.walk(ast.parse(source))), UNSAFE)
 
 
 @pytest.mark.parametrize("source", [
@@ -37,6 +40,8 @@ def pure(source: str) -> bool:
     "def solution():\n    d = {'a': 1}\n    return sum(v for k, v in d.items()) + d.get('b', 0)\n",
     "def solution():\n    xs = [3, 1, 2]\n    xs.sort(reverse=True)\n    return [i * x for i, x in enumerate(xs)]\n",
     "def solution():\n    return dict(zip(['a', 'b'], [1, 2])), list(reversed([1, 2])), sum(map(int, ['1', '2']))\n",
+    "def solution():\n    return undefined_helper(3)\n",  # a NameError, like anywhere else
+    "def solution():\n    try:\n        return x\n    except NameError as e:\n        raise KeyError(str(e))\n",
 ])  # fmt: skip
 def test_plain_computations_are_pure(source):
     assert pure(source)
@@ -71,7 +76,10 @@ def test_plain_computations_are_pure(source):
     "def solution():\n    yield 1\n",
     "def solution():\n    return id(1) + hash('x')\n",  # builtins outside the list
     "def solution():\n    return type(1)\n",
-    "def solution():\n    return undefined_name\n",
+    "def solution():\n    return __name__\n",
+    "def solution():\n    __builtins__['len'] = 0\n",  # the builtins dict would be shared
+    "def solution():\n    return getattr(1, 'real')\n",
+    "def solution():\n    return set([1])\n",
     "def solution():\n    return print\n",  # print only as a call
     "def solution():\n    with x:\n        pass\n",
     "def solution():\n    return __builtins__\n",

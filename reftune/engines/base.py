@@ -71,6 +71,8 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def cache_kwarg(model) -> str:
     """The name of the KV-cache argument of `model.forward`: `cache` in current transformers
     (`past_key_values` is deprecated there, removed in 5.40), `past_key_values` in older ones."""
+    if hasattr(model, "get_base_model"):  # a peft wrapper forwards **kwargs: ask the model inside
+        model = model.get_base_model()
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 

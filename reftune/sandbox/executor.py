@@ -7,15 +7,22 @@ it, and no program can influence another's result.
 
 How it runs: a pool of zygote processes (``worker.py``, started with ``subprocess``: fork+exec of a
 clean ``python -s -B`` in a new session, never a fork of the trainer, never torch) imports the allowed
-modules once; for every program it forks a fresh child (copy-on-write, ~1 ms), which locks itself
-down, runs the program and writes one result frame to a pipe of its own. The zygote reads only that
-pipe, kills the child's process group, waits for it and empties the temp folder before the next
-program. So nothing a program does survives it (monkeypatched classes, module or decimal state,
-threads, objects with ``__del__``, files, sympy caches), and a program can forge nothing but its own
-result. The zygote runs no program code; up to ``max_batch`` programs go per round trip, results
+modules once and runs no program code. It parses, checks and compiles each program (which runs none
+of it), then forks a fresh child (copy-on-write), which locks itself down, runs the program and writes
+one result frame to a pipe of its own. The zygote reads only that pipe, kills the child's process
+group, waits for it and empties the temp folder before the next program. So nothing a program does
+survives it (monkeypatched classes, module, random or decimal state, threads, objects with
+``__del__``, files, sympy caches), and a program can forge nothing but its own result. Results
 stream back one by one over a Unix socket whose sender the kernel attests (a frame from any process
-but the zygote is refused), and a zygote that dies or hangs costs one program ("crashed"/"timeout")
-before a fresh one takes over the rest of its batch.
+but the zygote is refused); up to ``max_batch`` programs go per round trip, and a zygote that dies
+or hangs costs one program ("crashed"/"timeout") before a fresh one takes over the rest of its batch.
+
+Pure programs (``pure.py``: plain computations on builtin data, math/cmath and allow-listed methods
+of lists, dicts and strings -- every SVAMP gold program, most generated ones) cannot reach any state
+that outlives them or observe one, by construction; they save the fork (~1-3 ms here) by running one
+after another in a shared child, locked down like the others and with no file access at all, which
+serves one call of ``run`` at most. A pure program that runs out of memory or crashes there is rerun
+in a fork of its own; one that hangs ends the shared child.
 
 Layers, outermost first (``ProgramExecutor.protections`` lists the OS ones that took effect here;
 each is best effort and left out where the kernel refuses it, and a child that cannot apply every
@@ -28,15 +35,16 @@ layer its zygote's probe child could exits before running its program):
   with CLONE_THREAD); everything else is EPERM -- socket of any family, io_uring_*, bpf, ptrace,
   process_vm_*, pidfd_*, mount, unshare/setns, keyctl, userfaultfd, perf_event_open, SysV IPC, ioctl,
   prctl, kill/tgkill (to anyone), fork/vfork/clone of a process, execve, fcntl(F_SETOWN). Installed
-  in the child before it parses its program. Without it (other architectures, old kernels) an
-  escaped program can open sockets (pathname Unix sockets such as /var/run/docker.sock; TCP is then
-  still stopped by the network namespace/Landlock), fork (as root) and signal same-user processes.
+  in the child before the first byte of program code runs. Without it (other architectures, old
+  kernels) an escaped program can open sockets (pathname Unix sockets such as /var/run/docker.sock;
+  TCP is then still stopped by the network namespace/Landlock), fork (as root) and signal same-user
+  processes.
 * Landlock (kernel >= 5.13, enabled LSM): read-only access to the Python install and system library
   folders; in the temp folder, regular files and folders only; nothing else -- no user files, no
-  /proc (so no /proc/<trainer>/environ, fd or mem), no /dev -- and never EXECUTE. ABI >= 4: no TCP
-  bind/connect; ABI >= 6: no signals to, or abstract Unix sockets of, processes outside. Without it
-  an escaped program reads what the trainer's user can and writes up to 1 MiB per file anywhere that
-  user can (cross-program state through the file system then needs an escape).
+  /proc (so no /proc/<trainer>/environ, fd or mem), no /dev -- and never EXECUTE (the shared child:
+  no file at all). ABI >= 4: no TCP bind/connect; ABI >= 6: no signals to, or abstract Unix sockets
+  of, processes outside. Without it an escaped program reads what the trainer's user can and writes
+  up to 1 MiB per file anywhere that user can (cross-program state through files then needs an escape).
 * network namespace (root, or unprivileged user namespaces): no usable interface at all. Without it
   UDP is stopped only by seccomp (no socket()).
 * capabilities (root only): dropped in the zygote, so children have no CAP_SYS_PTRACE,
@@ -49,16 +57,16 @@ layer its zygote's probe child could exits before running its program):
 * Python level (always; a first filter, not the boundary): the program is parsed and refused
   ("forbidden: ...") if it names an attribute that starts with ``_`` other than harmless protocol
   dunders (``__init__``, ``__add__``...) and namedtuple's ``_asdict``/..., a frame, code or traceback
-  attribute, or ``.obj`` (AttributeError.obj holds the object whose lookup failed), or imports outside
-  the allow-list. Builtins are an allow-list: no eval/exec/compile, open, input, globals/locals/vars,
-  breakpoint, help, exit; getattr/setattr/delattr apply the attribute rule. ``import`` gives views of
-  ``DEFAULT_MODULES`` holding only an allow-listed public API per module (``apis.py``): never the real
-  module, never a submodule without its own list, never ``string.Formatter``,
-  ``functools.singledispatch``/``wraps`` or ``dataclasses``; so no program string reaches an evaluator.
-  Inside sympy, sympify()/parse_expr() parse strings with an AST walk that builds the expression
-  without eval, lambdify (exec of printed code) is refused and ``import_module`` answers "not
-  installed". A lazily imported module (sympy) is importable only by a program whose text names it,
-  so whether an earlier program made the zygote import it never changes what a later one can do.
+  attribute, or ``.obj`` (AttributeError.obj holds the object whose lookup failed). Builtins are an
+  allow-list: no eval/exec/compile, open, input, globals/locals/vars, breakpoint, help, exit;
+  getattr/setattr/delattr apply the attribute rule. ``import`` gives views of ``DEFAULT_MODULES``
+  holding only an allow-listed public API per module (``apis.py``): never the real module, never a
+  submodule without its own list, never ``string.Formatter``, ``functools.singledispatch``/``wraps``
+  or ``dataclasses``; so no program string reaches an evaluator. Inside sympy, sympify()/parse_expr()
+  parse strings with an AST walk that builds the expression without eval, lambdify (exec of printed
+  code) substitutes values instead, and ``import_module`` answers "not installed". A lazily imported
+  module (sympy) is importable only by a program whose text names it, so whether an earlier program
+  made the zygote import it never changes what a later one can do.
 
 What is NOT covered:
 
@@ -66,6 +74,10 @@ What is NOT covered:
   gadget, a CPython/sympy bug or memory corruption yields real interpreter objects. Such a program
   is then still inside the OS layers above -- and only inside the ones listed in ``protections``.
   Run the trainer as a non-root user.
+* A pure program that corrupted the interpreter's memory (a CPython bug reachable from arithmetic,
+  list, dict and string code) would control the shared child, and with it the results of the pure
+  programs after it in the same call on that zygote; every other guarantee holds. ``_share_pure =
+  False`` on an executor gives every program a fork of its own (~5-10x slower for such programs).
 * ``'{0.__class__}'.format(x)`` walks attributes the static check cannot see; it only yields text.
   typing compiles (never evaluates) string annotations.
 * Only ``solution()``'s return value is collected; printed answers are discarded. A program is killed
@@ -248,6 +260,7 @@ class ProgramExecutor:
         self._pid = os.getpid()
         self.protections: list[str] = []  # layers reported by the latest zygote (see module doc)
         self._share_pure = True  # pure programs share a child (worker.py); False: a fork for every program
+        self._calls = 0  # run() calls so far: a zygote's shared child never serves two
         self._finalizer = weakref.finalize(self, _close_all, self._workers)
 
     def worker_pids(self) -> list[int]:
@@ -290,6 +303,7 @@ class ProgramExecutor:
                 raise
 
     def _run(self, programs: list[str], timeout: float, memory_mb: int, entry: str) -> list[ExecResult]:
+        self._calls += 1
         results: list = [None] * len(programs)
         pending = deque(range(len(programs)))
         budget = timeout + self.grace
@@ -336,7 +350,7 @@ class ProgramExecutor:
             w.jobs.extend(jobs)
             w.acked = False
             w.send({"jobs": [[i, programs[i]] for i in jobs], "timeout": timeout, "memory_mb": memory_mb,
-                    "entry": entry})  # fmt: skip
+                    "entry": entry, "call": self._calls})  # fmt: skip
             if w.ready:
                 w.deadline = time.monotonic() + budget
             watch(w, slot)

@@ -113,10 +113,10 @@ _LL_REFER, _LL_TRUNCATE = 1 << 13, 1 << 14
 def landlock_ruleset(read_paths, rw_path):
     """A Landlock ruleset fd (kept by the zygote, applied by each child) and the layer names it gives.
 
-    Read-only: the Python install and system libraries; in the temp dir: read, write, create and
-    remove regular files and folders (no fifos, sockets, devices, links); nothing else anywhere, and
-    never EXECUTE. ABI >= 4: no TCP bind/connect; ABI >= 6: no signals to, or abstract Unix sockets
-    of, processes outside the domain."""
+    Read-only: `read_paths` (the Python install and system libraries); in `rw_path` (the temp dir):
+    read, write, create and remove regular files and folders (no fifos, sockets, devices, links);
+    nothing else anywhere, and never EXECUTE. No paths at all: no file access whatsoever. ABI >= 4:
+    no TCP bind/connect; ABI >= 6: no signals to, or abstract Unix sockets of, processes outside."""
     lib = libc()
     abi = lib.syscall(444, None, 0, 1)  # landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION)
     if abi < 1:
@@ -129,7 +129,7 @@ def landlock_ruleset(read_paths, rw_path):
         raise OSError(ctypes.get_errno(), "landlock_create_ruleset")
     rw = _LL_WRITE | _LL_READ_FILE | _LL_READ_DIR | _LL_REMOVE_DIR | _LL_REMOVE_FILE | _LL_MAKE_DIR | _LL_MAKE_REG
     rw |= (_LL_REFER if abi >= 2 else 0) | (_LL_TRUNCATE if abi >= 3 else 0)  # REFER: rename across folders
-    for path, access in [(p, _LL_READ_FILE | _LL_READ_DIR) for p in read_paths] + [(rw_path, rw)]:
+    for path, access in [(p, _LL_READ_FILE | _LL_READ_DIR) for p in read_paths] + [(rw_path, rw)] * bool(rw_path):
         try:
             target = os.open(path, os.O_PATH | os.O_CLOEXEC)
         except OSError:
@@ -192,6 +192,7 @@ def setup_zygote(tmpdir):
                       "/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/local/lib", "/etc/ld.so.cache"}  # fmt: skip
         try:
             layers.landlock_fd, names = landlock_ruleset(sorted(read_paths), tmpdir)
+            layers.sealed_fd, _ = landlock_ruleset((), None)  # for the shared child: no files at all
             layers.names += names
         except OSError:
             pass
@@ -208,12 +209,13 @@ class ChildLayers:
 
     def __init__(self):
         self.null_fd = os.open(os.devnull, os.O_RDWR)  # opened now: Landlock hides /dev/null from children
-        self.landlock_fd = -1
+        self.landlock_fd = self.sealed_fd = -1
         self.seccomp = None  # a prepared sock_fprog, filled by setup_zygote
         self.names = ["rlimit-as", "rlimit-cpu"] + ["rlimit-nproc"] * (os.geteuid() != 0)  # root ignores NPROC
 
-    def apply(self, keep, address_space, cpu_seconds):
-        """In the child: limits, Landlock, fds (all closed but `keep`), seccomp. Returns the names of
+    def apply(self, keep, address_space, cpu_seconds, sealed=False):
+        """In the child: limits, Landlock (`sealed`: no file access at all, for the shared child of
+        pure programs, which need none), fds (all closed but `keep`), seccomp. Returns the names of
         the layers applied."""
         done, lib = [], libc()
         limits = {"AS": address_space, "CPU": int(cpu_seconds) + 1, "NPROC": 0}
@@ -225,7 +227,8 @@ class ChildLayers:
                 pass
         if os.geteuid() == 0 and "rlimit-nproc" in done:
             done.remove("rlimit-nproc")
-        if self.landlock_fd >= 0 and lib.syscall(446, self.landlock_fd, 0) == 0:  # landlock_restrict_self
+        ruleset = self.sealed_fd if sealed else self.landlock_fd
+        if ruleset >= 0 and lib.syscall(446, ruleset, 0) == 0:  # landlock_restrict_self
             done += [n for n in self.names if n.startswith("landlock")]
         # Nothing of the zygote stays reachable: its socket to the parent, stderr, the ruleset.
         for fd in (0, 1, 2):

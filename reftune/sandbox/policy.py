@@ -15,7 +15,7 @@ import sys
 import types
 
 from .apis import API, LAZY_MODULES
-from .pure import is_pure
+from .pure import is_pure, unsafe_builtins
 
 # Importable by programs. Stdlib ones are imported by the zygote at start (~50 ms); LAZY_MODULES
 # (sympy: 0.3-1 s) by the zygote when a program that names them arrives, outside its timeout.
@@ -185,6 +185,7 @@ class Policy:
         b.update({f.__name__: _name_checked(f) for f in (getattr, setattr, delattr)})
         b.update(__import__=self.guarded_import, print=_print)
         self.builtins = b
+        self.unsafe_for_pure = unsafe_builtins(b)
 
     def load(self, name):
         """Import an allowed module (zygote only) and build the views of it and its API submodules."""
@@ -251,7 +252,7 @@ def prepare(policy, program):
         tree = ast.parse(program, "<program>", "exec")
         nodes = list(ast.walk(tree))
         check_tree(nodes, policy.allowed)
-        pure = is_pure(nodes)
+        pure = is_pure(nodes, policy.unsafe_for_pure)
         del nodes
         return builtins.compile(tree, "<program>", "exec", dont_inherit=True), "", pure
     except BaseException as exc:  # SyntaxError, Forbidden, RecursionError, MemoryError on absurd input

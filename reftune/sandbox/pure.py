@@ -19,16 +19,13 @@ import ast
 
 from .apis import API
 
-# Builtins a pure program may name (as values and calls); print only as a call (it is a no-op).
+# Builtins a pure program may name (as values and calls), besides the exception classes; print only
+# as a call (it is a no-op).
 PURE_BUILTINS = frozenset(
     "abs all any bool complex dict divmod float int len list max min pow range round sorted str sum "
     "tuple isinstance chr ord bin hex oct".split()
 )
 CALL_ONLY_BUILTINS = frozenset({"print"})
-EXCEPTIONS = frozenset(
-    "ArithmeticError AssertionError Exception IndexError KeyError LookupError OverflowError "
-    "RecursionError RuntimeError StopIteration TypeError ValueError ZeroDivisionError".split()
-)
 # Builtins that return iterators (their repr shows an address): only where they are consumed.
 ITERATORS = frozenset("enumerate zip reversed map filter".split())
 CONSUMERS = frozenset("sum min max any all list tuple dict sorted".split()) | ITERATORS  # and str.join
@@ -56,9 +53,16 @@ _ALLOWED_TYPES = frozenset(
 _CONSTANT_TYPES = (int, float, complex, str, bytes, type(None))
 
 
-def is_pure(nodes):
+def unsafe_builtins(builtins):
+    """The names of a builtins dict that a pure program may not use (every exception class is fine)."""
+    exceptions = {n for n, v in builtins.items() if isinstance(v, type) and issubclass(v, BaseException)}
+    return frozenset(builtins) - PURE_BUILTINS - CALL_ONLY_BUILTINS - ITERATORS - exceptions
+
+
+def is_pure(nodes, unsafe):
     """True if the program (the nodes of its ast.Module, e.g. list(ast.walk(tree))) is pure in the
-    sense of this module's docstring."""
+    sense of this module's docstring. `unsafe`: builtin names it may not use (see unsafe_builtins);
+    a name that is neither defined nor a builtin is fine (it raises NameError)."""
     functions, data, modules, imported = set(), set(), {}, set()  # modules: bound name -> module
     called, consumed = set(), set()  # ids of call targets; of call arguments and loop iterables
     loads, attributes, generators, calls = [], [], [], []
@@ -111,7 +115,7 @@ def is_pure(nodes):
                 if alias.name not in API[node.module]:
                     return False  # also refuses *
                 imported.add(alias.asname or alias.name)
-    builtin_like = PURE_BUILTINS | CALL_ONLY_BUILTINS | EXCEPTIONS | ITERATORS | imported
+    builtin_like = PURE_BUILTINS | CALL_ONLY_BUILTINS | ITERATORS | imported
     if functions & data or functions & builtin_like or set(modules) & (functions | data | imported):
         return False  # one name for two kinds of thing (a builtin or module rebound, a function as data...)
     module_bases = set()
@@ -139,8 +143,8 @@ def is_pure(nodes):
         elif name in functions or name in CALL_ONLY_BUILTINS and name not in data:
             if id(node) not in called:
                 return False  # a function used as a value
-        elif name not in data and name not in builtin_like:
-            return False  # any other name: a builtin outside the list, or undefined
+        elif name not in data and (name in unsafe or name.startswith("__")):
+            return False  # a builtin outside the list, or the namespace's own (__builtins__ is shared)
         elif name in ITERATORS and name not in data and id(node) not in called:
             return False  # the iterator builtins themselves are fine as values, but keep it simple
     return True

@@ -12,12 +12,13 @@ reads that pipe only, kills the child's process group, waits for it, empties the
 reports to the parent. A child therefore cannot change what a later program sees (it dies with
 everything it touched) nor write anything the parent would take as another program's result.
 Pure programs (``pure.py``: plain computations that can reach nothing that outlives them) instead
-run one after another in one shared, equally locked-down child; any doubt there (a timeout, a
-crash, MemoryError, an object address in the result) ends that child, and the program is rerun in
-a fresh fork unless it timed out.
+run one after another in one shared, equally locked-down child, which serves one call of the
+parent's at most (a fresh one is forked while the zygote is idle); any doubt there (a timeout, a crash, MemoryError, an object address in the result)
+ends that child, and the program is rerun in a fresh fork unless it timed out.
 
 Protocol with the parent (4-byte big-endian length + UTF-8 JSON, both ways):
-  parent -> zygote  {"jobs": [[index, program], ...], "timeout": s, "memory_mb": n, "entry": "solution"}
+  parent -> zygote  {"jobs": [[index, program], ...], "timeout": s, "memory_mb": n, "entry": "solution",
+                     "call": number of the parent's run() call}
   zygote -> parent  {"hello": pid, "prot": [...]} once; {"batch": n} when a batch arrived; per job, in order:
                     {"i": index, "ev": "import"} / {"i": index, "ev": "start"} around slow imports,
                     {"i": index, "v": value, "r": reason} when it is done.
@@ -50,6 +51,7 @@ _SHARED_TASKS = 500  # pure programs per shared child before a fresh one takes o
 _SHARED_GROWTH = 64 << 10  # KiB of peak RSS growth after which the shared child is replaced
 _SHARED_MAX_CODE = 32 << 10  # bigger compiled programs run in a fork of their own (pipe stays unblocked)
 _MAX_PROGRAM = 1 << 20  # characters: the zygote parses programs, and its memory is not limited
+_IDLE_MS = 5  # no batch this long after one: the parent's call is likely over
 _PROCESS_TOOLS = (
     "fork forkpty system popen execv execve execl execle execlp execlpe execvp execvpe spawnv spawnve "
     "spawnvp spawnvpe spawnl spawnle spawnlp spawnlpe posix_spawn posix_spawnp kill killpg putenv "
@@ -110,6 +112,8 @@ class Zygote:
         self.pid, self.ppid = os.getpid(), os.getppid()
         self.child = None  # pid of the running forked child
         self.shared = None  # the shared child for pure programs, when one is running
+        self.call = None  # the parent's call the shared child serves
+        self.last_key = None  # (timeout, memory_mb) of the latest shared child
         self.memory_frame = encode({"v": None, "r": "memory"})  # pre-built: no allocation needed to send it
         os.chdir(self.tmpdir)
         self.prot, self.layers = self.oslayers.setup_zygote(self.tmpdir)
@@ -185,9 +189,13 @@ class Zygote:
         buf = bytearray()
         poller = select.poll()
         poller.register(self.sock, select.POLLIN)
+        just_served = False
         while True:
             # Wake up now and then: a parent that died while a fork of it still holds the socket.
-            if not poller.poll(1000):
+            if not poller.poll(_IDLE_MS if just_served else 1000):
+                if just_served:  # the call is probably over: get a fresh shared child ready off its clock
+                    self._renew_shared()
+                just_served = False
                 if os.getppid() != self.ppid:
                     return
                 continue
@@ -200,9 +208,13 @@ class Zygote:
                 msg = json.loads(buf[4 : 4 + size])
                 del buf[: 4 + size]
                 self.send({"batch": len(msg["jobs"])})  # received: a failure from now on is ours to report
+                if self.shared is not None and self.shared.tasks and msg.get("call") != self.call:
+                    self._drop_shared()  # a shared child serves one call of the parent's, never the next
+                self.call = msg.get("call")
                 for index, program in msg["jobs"]:
                     value, reason = self.run_job(index, program, float(msg["timeout"]), int(msg["memory_mb"]), msg["entry"])
                     self.send({"i": index, "v": value, "r": reason})
+                just_served = True
 
     def run_job(self, index, program, timeout, memory_mb, entry):
         if len(program) > _MAX_PROGRAM:
@@ -260,22 +272,26 @@ class Zygote:
     def _run_shared(self, job, timeout, memory_mb):
         """A pure program in the shared child; None when it must be rerun in a fork of its own."""
         shared = self._shared_child((timeout, memory_mb))
+        if select.select([shared.results], [], [], 0)[0]:  # it wrote while it had no job: misbehaving
+            self._drop_shared()
+            return None
         try:
             write_all(shared.jobs, _HEADER.pack(len(job)) + job)
         except OSError:  # it died while idle
             self._drop_shared()
             return None
-        frame, timed_out = self._read_result(shared.results, time.monotonic() + timeout)
+        frame, timed_out = self._read_result(shared.results, time.monotonic() + timeout, exact=True)
         shared.tasks += 1
         if frame is None:
             self._drop_shared()
             return (None, "timeout") if timed_out else None  # a crash: rerun it in a fresh process
         value, reason, msg = self._check_frame(frame)
-        if msg.get("retry") or msg.get("grown") or shared.tasks >= _SHARED_TASKS:
+        if not msg or msg.get("retry") or msg.get("grown") or shared.tasks >= _SHARED_TASKS:
             self._drop_shared()
-        return None if msg.get("retry") else (value, reason)
+        return None if not msg or msg.get("retry") else (value, reason)  # malformed or unsure: a fresh fork
 
     def _shared_child(self, key):
+        self.last_key = key
         if self.shared is not None and self.shared.key != key:
             self._drop_shared()
         if self.shared is None:
@@ -293,14 +309,23 @@ class Zygote:
             self.shared = _Shared(pid, job_w, res_r, key)
         return self.shared
 
+    def _renew_shared(self):
+        """Replace a shared child that ran programs by one that has run none (it may serve any call)."""
+        key = self.shared.key if self.shared is not None else self.last_key
+        if self.shared is not None and self.shared.tasks:
+            self._drop_shared()
+        if self.shared is None and key is not None and self.share_pure:
+            self._shared_child(key)
+
     def _drop_shared(self):
         shared, self.shared = self.shared, None
         os.close(shared.jobs)
         os.close(shared.results)
         self._reap(shared.pid)
 
-    def _read_result(self, r, deadline):
-        """The child's frame (bytes) or None, and whether the deadline passed first."""
+    def _read_result(self, r, deadline, exact=False):
+        """The child's frame (bytes) or None, and whether the deadline passed first. `exact`: bytes
+        after the frame make it malformed (the shared child's pipe must carry one frame per job)."""
         poller = select.poll()
         poller.register(r, select.POLLIN)
         poller.register(self.sock, 0)  # hang-up only: the parent sends nothing while a batch runs
@@ -319,7 +344,7 @@ class Zygote:
                     if size > _MAX_CHILD_FRAME or len(buf) > 4 + _MAX_CHILD_FRAME:
                         return b"", False  # malformed: an error for this program only
                     if len(buf) >= 4 + size:
-                        return buf[4 : 4 + size], False
+                        return (b"" if exact and len(buf) > 4 + size else buf[4 : 4 + size]), False
                 if not chunk:
                     return None, False  # it exited (or closed its pipe) without a whole frame
 
@@ -360,12 +385,12 @@ class Zygote:
 
     # ---------------------------------------------------------------------------- in the children
 
-    def _lock_down(self, keep, limit, cpu_seconds):
+    def _lock_down(self, keep, limit, cpu_seconds, sealed=False):
         """First thing in a child: the OS layers, all of those the probe could apply, or exit."""
         self.oslayers.child_start(self.pid)
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # the zygote's handlers are not ours
             signal.signal(sig, signal.SIG_DFL)
-        if set(self.layers.apply(keep, limit, cpu_seconds)) != self.expected:
+        if set(self.layers.apply(keep, limit, cpu_seconds, sealed)) != self.expected:
             os._exit(_CHILD_LAYERS_MISSING)
         # Last line for code that reaches the real os module anyway: no process tools in it.
         for name in _PROCESS_TOOLS:
@@ -396,7 +421,7 @@ class Zygote:
     def _shared_loop(self, jobs, results, limit, cpu_seconds):
         """The shared child: pure programs, one frame each, until the zygote closes the job pipe."""
         try:
-            self._lock_down((jobs, results), limit, cpu_seconds)
+            self._lock_down((jobs, results), limit, cpu_seconds, sealed=True)  # pure programs need no files
             base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             while (job := read_frame(jobs)) is not None:
                 code, entry = marshal.loads(job)  # written by the zygote

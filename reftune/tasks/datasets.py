@@ -268,9 +268,9 @@ def hf_rows_to_examples(rows, cfg: DataConfig, split: str, need_cot: bool, stats
 def _load_hf_split(cfg: DataConfig, split: str, need_cot: bool, stats: dict) -> list[Example]:
     try:
         import datasets  # optional extra: pip install 'reftune[hf]'
-    except ImportError:
-        raise DatasetError("data.name=hf needs the `datasets` package: pip install datasets "
-                           "(or pip install 'reftune[hf]')") from None
+    except ImportError:  # an ImportError still (the API's contract); the CLI reports it in one line
+        raise ImportError("data.name=hf needs the `datasets` package: pip install datasets "
+                          "(or pip install 'reftune[hf]')") from None
     kwargs = {}
     if cfg.hf_id in ("json", "csv", "parquet"):  # datasets' builders for local files
         kwargs["data_files"] = {cfg.hf_train_split: cfg.train_path, cfg.hf_test_split: cfg.test_path}

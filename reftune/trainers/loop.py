@@ -31,6 +31,7 @@ from reftune.runs import RunFolder, RunLogger, claim_run, prepare_training_folde
 from reftune.tasks import DataConfig, Task, load_task
 from reftune.trainers.distributed import (PARALLEL_MODES, Dist, copy_into, device_for, full_state_dict, init_distributed,
                                           load_optimizer_state, optimizer_state, wrap)
+from reftune.trainers.lora import adapter_state, apply_lora, is_peft, load_adapter_state, lora_enabled, merged_state_dict
 from reftune.trainers.rollout import step_questions
 from reftune.trainers.checkpoints import load_latest, rng_state, save_best, save_rl_checkpoint, set_rng_state
 
@@ -57,6 +58,14 @@ class RunConfig:
     """Forward passes under bf16 autocast, weights and optimizer in fp32: no | bf16 | auto (where bf16 is native)."""
     parallel: str = "ddp"
     """With several processes (torchrun / accelerate launch): ddp (replicated weights) | fsdp2 (sharded)."""
+    lora_r: int = 0
+    """LoRA rank (0: full fine-tuning). With LoRA the reference is the adapter-disabled base (peft)."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator (the update is scaled by lora_alpha / lora_r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch's input."""
+    lora_target_modules: list[str] = field(default_factory=list)
+    """Module names that get adapters (empty: peft's default for the architecture, e.g. q_proj, v_proj)."""
     tensorboard: bool = True
     """Also write TensorBoard events."""
     progress: bool = True
@@ -70,6 +79,10 @@ class RunConfig:
         c = Checks(self, prefix)
         c.str("model").out_dir().int("seed", 0, 2**32 - 1).device().dtype()
         c.choice("mixed_precision", MIXED_PRECISION).choice("parallel", PARALLEL_MODES).bool("tensorboard", "progress")
+        c.int("lora_r", 0).float("lora_alpha", 0.0, lo_open=True).float("lora_dropout", 0.0, 1.0, hi_open=True)
+        if self.lora_r and self.parallel == "fsdp2":
+            c.fail("lora_r", "with parallel=fsdp2 is not supported yet: use parallel=ddp (LoRA's trainable "
+                             "state is small, sharding it buys little)")
         self.data.validate(prefix + "data.")
 
 
@@ -203,7 +216,8 @@ def open_run(cfg: RunConfig, *, resume: bool = False, task: Task | None = None, 
         raise failure
     try:
         latest = load_latest(Path(cfg.out_dir)) if mode == "resume" else None
-        policy_path = str(latest[0] / "policy") if latest else cfg.model
+        # With LoRA a resume starts from the base again and loads the adapter from the trainer state.
+        policy_path = str(latest[0] / "policy") if latest and not lora_enabled(cfg) else cfg.model
         for path in {policy_path, getattr(cfg, "ref_model", "") or cfg.model}:
             check_model_source(path)
         tokenizer = load_tokenizer(policy_path)
@@ -219,6 +233,12 @@ def open_run(cfg: RunConfig, *, resume: bool = False, task: Task | None = None, 
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = load_causal_lm(policy_path, device, dtype)
+    if lora_enabled(cfg):
+        model = apply_lora(model, cfg)
+        if latest is not None:
+            if "adapter" not in latest[1]:
+                raise ValueError(f"{latest[0]}: no LoRA adapter in this checkpoint (was the run trained with lora_r=0?)")
+            load_adapter_state(model, latest[1]["adapter"])
     rollout_model = model
     if dist.sharded:  # rollouts and evaluation run on an unsharded replica (see trainers/distributed.py)
         rollout_model = load_causal_lm(policy_path, device, dtype).eval().requires_grad_(False)
@@ -328,6 +348,8 @@ class OnlineRun:
     def _states(self) -> tuple[dict | None, dict | None]:
         """Whole state dicts of the policy and the value head for saving (collectives under fsdp2),
         or (None, None) when the modules themselves can be saved."""
+        if is_peft(self.model):
+            return merged_state_dict(self.model), None
         if not self.dist.sharded:
             return None, None
         value_state = full_state_dict(self.value_head, self.dist) if self.value_head is not None else None
@@ -361,7 +383,8 @@ class OnlineRun:
             policy_state, value_state = self._states()
             if dist.is_main:
                 state = {"step": done, "optimizer": optim, "rng": rngs[0], "best_accuracy": self.best_accuracy,
-                         "history": self.history, **({"rng_per_rank": rngs} if dist.enabled else {})}
+                         "history": self.history, **({"rng_per_rank": rngs} if dist.enabled else {}),
+                         **({"adapter": adapter_state(self.model)} if is_peft(self.model) else {})}
                 save_rl_checkpoint(self.run_dir, done, self.model, self.tokenizer, self.value_head, state,
                                    policy_state=policy_state, value_state=value_state)
             dist.barrier()

@@ -21,6 +21,7 @@ from reftune.tasks import Task
 from reftune.trainers import algorithms as A
 from reftune.trainers.advantages import get_estimator
 from reftune.trainers.distributed import scalar
+from reftune.trainers.lora import is_peft, reference_mode
 from reftune.trainers.loop import Callbacks, OnlineConfig, OnlineRun
 from reftune.trainers.policy import ValueHead, policy_forward
 from reftune.trainers.rollout import sample_and_score
@@ -108,13 +109,16 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
 
     # 2. Frozen reference, value head on the shared backbone, optimizer (restored when resuming).
     dtype = next(model.parameters()).dtype
-    ref_model = load_causal_lm(cfg.ref_model or cfg.model, device, dtype).eval().requires_grad_(False)
+    # With LoRA the reference is the policy with its adapter disabled: no second copy of the base.
+    ref_model = model if is_peft(model) and not cfg.ref_model else \
+        load_causal_lm(cfg.ref_model or cfg.model, device, dtype).eval().requires_grad_(False)
     value_head = None
     if estimator.uses_value_head:
         value_head = ValueHead(model.config.hidden_size, cfg.value_dropout).to(device, dtype)  # dtype: bf16 hidden states
     # What forwards and backwards go through: the modules themselves, or their data-parallel wrappers.
     policy, critic = run.train_model, (run.wrap(value_head) if value_head is not None else None)
-    params = list(model.parameters()) + (list(value_head.parameters()) if value_head is not None else [])
+    params = [p for p in model.parameters() if p.requires_grad] + \
+        (list(value_head.parameters()) if value_head is not None else [])  # LoRA: the adapters only
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     run.attach(optimizer, value_head)
     mini_batch = cfg.mini_batch_size // run.dist.world_size  # rows per process in each mini-batch
@@ -141,8 +145,9 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
                 value_head.eval()
             old_logprobs, old_values, _ = policy_forward(policy, critic, input_ids, attention_mask, ro.response_ids,
                                                          P, cfg.temperature)
-            ref_logprobs, _, _ = policy_forward(ref_model, None, input_ids, attention_mask, ro.response_ids, P,
-                                                cfg.temperature)
+            with reference_mode(ref_model):
+                ref_logprobs, _, _ = policy_forward(ref_model, None, input_ids, attention_mask, ro.response_ids, P,
+                                                    cfg.temperature)
             kl = A.kl_penalty(old_logprobs, ref_logprobs, cfg.kl_estimator)
             mean_kl = float(A.masked_sum(kl, response_mask) / max(len(questions) * cfg.samples_per_prompt, 1))
             if not math.isfinite(mean_kl):

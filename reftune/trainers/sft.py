@@ -19,6 +19,7 @@ from reftune.runs import atomic_save, progress, write_json
 from reftune.tasks import Example, Task
 from reftune.trainers.checkpoints import restore_sft_state, save_sft_state
 from reftune.trainers.distributed import Dist, copy_into, full_state_dict, scalar
+from reftune.trainers.lora import is_peft, merged_state_dict
 from reftune.trainers.loop import RunConfig, evaluate_split, open_run
 from reftune.trainers.supervised import IGNORE, collate, encode_sft_example, linear_schedule, sft_loss, shuffled_batches
 
@@ -166,7 +167,8 @@ def run_sft(cfg: SFTConfig, task: Task | None = None, train_examples: list[Examp
             record[f"{cfg.eval_split}_accuracy"] = accuracy
             if accuracy > best_acc:
                 best_epoch, best_acc = epoch, accuracy
-        policy_state = full_state_dict(model, dist) if dist.sharded else None  # a collective under fsdp2
+        # A collective under fsdp2; with LoRA the merged weights, so every epoch folder is a plain model.
+        policy_state = merged_state_dict(model) if is_peft(model) else full_state_dict(model, dist) if dist.sharded else None
         if not cfg.save_epochs or epoch in cfg.save_epochs or epoch == cfg.epochs:
             path = run_dir / "checkpoints" / f"epoch-{epoch}"
             if dist.is_main:
@@ -174,7 +176,7 @@ def run_sft(cfg: SFTConfig, task: Task | None = None, train_examples: list[Examp
             checkpoints[epoch] = str(path)
         history.append(record)
         logger.log(step, {f"epoch/{k}": v for k, v in record.items()})
-        if dist.is_main and not dist.sharded:  # (fsdp2 runs keep epoch checkpoints but no resume state yet)
+        if dist.is_main and not dist.sharded and not is_peft(model):  # (fsdp2 and LoRA SFT: no resume state yet)
             save_sft_state(run_dir, model, tokenizer, epoch=epoch, step=step, optimizer=optimizer,
                            scheduler=scheduler, order_rng=order_rng, generator=run.generator, history=history,
                            checkpoints=checkpoints, best_epoch=best_epoch, best_acc=best_acc)
