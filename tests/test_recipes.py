@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from reftune import plan as P
+from reftune import recipes as R
 from reftune.trainers.distributed import PARALLEL_MODES
 from reftune.trainers.reft import ReFTConfig
 from reftune.trainers.sft import SFTConfig
@@ -25,7 +26,7 @@ from reftune.trainers.sft import SFTConfig
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
 ACCELERATE = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
-VARIANTS = [(r, v) for r in RECIPES for v in P.read_header(r)["variant"]]
+VARIANTS = [(r, v) for r in RECIPES for v in R.read_header(r)["variant"]]
 GIB = 1024 ** 3
 
 
@@ -37,18 +38,18 @@ def _id(x) -> str:
 
 @pytest.mark.parametrize("path", RECIPES, ids=_id)
 def test_recipe_loads_validates_and_fits_its_hardware(path):
-    header = P.read_header(path)
+    header = R.read_header(path)
     for key in ("recipe", "command", "launch", "hardware"):
         assert header.get(key), f"{path.name}: the header needs a `# {key}:` line"
     assert header["reported"] or header["peer"], f"{path.name}: state the reported / peer figures (or that none exist)"
     assert header["world_size"] and header["gpu_memory_gib"] and header["gpu"] in P.GPUS, header["hardware"]
     assert header["command"].startswith(f"reftune {header['reftune_command']} -c configs/recipes/{path.name}")
-    cfg, header = P.load_recipe(path)
+    cfg, header = R.load_recipe(path)
     assert not header["pending_fields"], (
         f"{path.name}: {header['pending_fields']} now exist in the config classes: move them from the "
         f"`# pending:` header into the YAML body")
     cfg.validate()
-    plan = P.plan_recipe(path)
+    plan = R.plan_recipe(path)
     assert plan.fits and plan.total_gib <= header["gpu_memory_gib"]
     assert plan.world_size == header["world_size"] or plan.kind == "compare"
     assert plan.hours is not None and plan.hours > 0, "every recipe gets a time estimate"
@@ -62,19 +63,19 @@ def test_recipe_loads_validates_and_fits_its_hardware(path):
 
 @pytest.mark.parametrize("path,line", VARIANTS, ids=[f"{p.stem}:{_id(v)}" for p, v in VARIANTS])
 def test_variant_loads_validates_and_fits(path, line):
-    variant = P.parse_variant(line)
+    variant = R.parse_variant(line)
     assert variant["overrides"], line
-    cfg, _ = P.load_recipe(path, overrides=variant["overrides"])
+    cfg, _ = R.load_recipe(path, overrides=variant["overrides"])
     cfg.validate()
-    assert P.plan_recipe(path, variant=variant).fits
+    assert R.plan_recipe(path, variant=variant).fits
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=_id)
 def test_launch_line_agrees_with_the_recipe(path):
     """The launcher starts as many processes as the hardware line says, and an accelerate config's
     distributed type is the `parallel` mode the recipe sets."""
-    header = P.read_header(path)
-    cfg, _ = P.load_recipe(path)
+    header = R.read_header(path)
+    cfg, _ = R.load_recipe(path)
     launch = header["launch"].split("   (")[0]  # what follows in parentheses is a comment
     parallel = getattr(cfg, "parallel", None) or getattr(getattr(cfg, "sft", None), "parallel", "ddp")
     if launch.startswith("torchrun"):
@@ -106,10 +107,10 @@ PAPER_SETTINGS = {("gsm8k_reft", "program"): (2, 0.01), ("gsm8k_reft", "nl"): (2
 def _settings(name: str):
     """(model family, cfg) of the recipe and of each variant."""
     path = ROOT / "configs" / "recipes" / name
-    header = P.read_header(path)
+    header = R.read_header(path)
     out = []
-    for variant in [None] + [P.parse_variant(v) for v in header["variant"]]:
-        cfg, _ = P.load_recipe(path, overrides=variant["overrides"] if variant else None)
+    for variant in [None] + [R.parse_variant(v) for v in header["variant"]]:
+        cfg, _ = R.load_recipe(path, overrides=variant["overrides"] if variant else None)
         model = getattr(cfg, "base_model", "") or (variant or {}).get("arch") or header.get("arch") or cfg.model
         out.append(("galactica" if "galactica" in model.lower() else "codellama", cfg))
     return out
@@ -163,8 +164,8 @@ def test_paper_supervised_and_inference_hyperparameters():
 
 def test_paper_reported_numbers_are_stated():
     """The figures of ../shared/docs/reft-paper-notes.md appear in the recipes' headers."""
-    text = lambda name: "\n".join(P.read_header(ROOT / "configs" / "recipes" / name)["reported"]  # noqa: E731
-                                  + [P.parse_variant(v)["reported"] for v in P.read_header(ROOT / "configs" / "recipes" / name)["variant"]])
+    text = lambda name: "\n".join(R.read_header(ROOT / "configs" / "recipes" / name)["reported"]  # noqa: E731
+                                  + [R.parse_variant(v)["reported"] for v in R.read_header(ROOT / "configs" / "recipes" / name)["variant"]])
     for number in ("63.00", "63.68", "68.0", "77.0", "48.37", "58.83", "62.9", "73.4", "43.59", "75.40", "56.01"):
         assert number in text("paper_sft.yaml"), number
     for number in ("75.28", "78.0", "81.2", "68.91", "71.9", "76.4", "53.30", "79.19", "60.13"):
@@ -176,12 +177,12 @@ def test_modern_recipes_cover_qwen_full_and_lora():
     names = {p.name for p in RECIPES}
     for model in ("qwen2.5-0.5b-instruct", "qwen2.5-1.5b"):
         assert {f"{model}_gsm8k_sft.yaml", f"{model}_gsm8k_reft.yaml", f"{model}_gsm8k_reft_lora.yaml"} <= names
-    header = P.read_header(ROOT / "configs" / "recipes" / "qwen2.5-0.5b-instruct_gsm8k_reft.yaml")
+    header = R.read_header(ROOT / "configs" / "recipes" / "qwen2.5-0.5b-instruct_gsm8k_reft.yaml")
     assert any("56.7" in p and "veRL" in p for p in header["peer"])
     for name in ("qwen2.5-0.5b-instruct_gsm8k_reft_lora.yaml", "qwen2.5-1.5b_gsm8k_reft_lora.yaml"):
-        cfg, _ = P.load_recipe(ROOT / "configs" / "recipes" / name)
+        cfg, _ = R.load_recipe(ROOT / "configs" / "recipes" / name)
         assert getattr(cfg, "lora_r", 0) > 0, f"{name} is a LoRA recipe"
-        assert P.plan_recipe(ROOT / "configs" / "recipes" / name).memory_gib["reference"] == 0
+        assert R.plan_recipe(ROOT / "configs" / "recipes" / name).memory_gib["reference"] == 0
 
 
 # --- accelerate launcher configs -------------------------------------------------------------------------
@@ -384,15 +385,15 @@ def test_local_config_json_matches_transformers_parameter_counts(tmp_path):
 def test_scaling_doc_table_is_the_planners():
     doc = (ROOT / "docs" / "scaling.md").read_text()
     table = re.search(r"<!-- plan-table:start -->\n(.*?)\n<!-- plan-table:end -->", doc, re.S).group(1)
-    expected = P.markdown_table(RECIPES)
-    assert table == expected, "docs/scaling.md is stale: python -m reftune.plan --table configs/recipes/*.yaml"
+    expected = R.markdown_table(RECIPES)
+    assert table == expected, "docs/scaling.md is stale: python -m reftune.recipes --table configs/recipes/*.yaml"
 
 
 def test_cli(capsys):
     path = str(ROOT / "configs" / "recipes" / "paper_reft.yaml")
-    assert P.main(["-c", path]) == 0
+    assert R.main(["-c", path]) == 0
     out = capsys.readouterr().out
     assert "reft: codellama/CodeLlama-7b-hf on 8 device(s), fsdp2" in out and "GiB" in out
-    assert P.main(["-c", path, "--command", "train", "--world-size", "6"]) == 2
+    assert R.main(["-c", path, "--command", "train", "--world-size", "6"]) == 2
     assert "questions_per_step=32 does not split over 6 devices" in capsys.readouterr().err
-    assert P.main(["-c", path, "--world-size", "8", "--gpu-memory", "40"]) == 2
+    assert R.main(["-c", path, "--world-size", "8", "--gpu-memory", "40"]) == 2

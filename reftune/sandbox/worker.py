@@ -13,8 +13,9 @@ reports to the parent. A child therefore cannot change what a later program sees
 everything it touched) nor write anything the parent would take as another program's result.
 Pure programs (``pure.py``: plain computations that can reach nothing that outlives them) instead
 run one after another in one shared, equally locked-down child, which serves one call of the
-parent's at most (a fresh one is forked while the zygote is idle); any doubt there (a timeout, a crash, MemoryError, an object address in the result)
-ends that child, and the program is rerun in a fresh fork unless it timed out.
+parent's at most (a fresh one is forked while the zygote is idle); any doubt there (a timeout, a
+crash, MemoryError, an object address in the result) ends that child, and the program is rerun in
+a fresh fork unless it timed out.
 
 Protocol with the parent (4-byte big-endian length + UTF-8 JSON, both ways):
   parent -> zygote  {"jobs": [[index, program], ...], "timeout": s, "memory_mb": n, "entry": "solution",
@@ -211,12 +212,24 @@ class Zygote:
                 if self.shared is not None and self.shared.tasks and msg.get("call") != self.call:
                     self._drop_shared()  # a shared child serves one call of the parent's, never the next
                 self.call = msg.get("call")
-                for index, program in msg["jobs"]:
-                    value, reason = self.run_job(index, program, float(msg["timeout"]), int(msg["memory_mb"]), msg["entry"])
-                    self.send({"i": index, "v": value, "r": reason})
+                self.run_batch(msg["jobs"], float(msg["timeout"]), int(msg["memory_mb"]), msg["entry"])
                 just_served = True
 
-    def run_job(self, index, program, timeout, memory_mb, entry):
+    def run_batch(self, jobs, timeout, memory_mb, entry):
+        """Run a batch in order; while the shared child runs one pure program, the next one is
+        parsed and compiled (which has no side effects: lazy imports wait for its turn)."""
+        ahead = {}
+
+        def prepare_next(k):
+            if k < len(jobs) and not self.os_only and len(jobs[k][1]) <= _MAX_PROGRAM:
+                ahead[k] = self.policy_mod.prepare(self.policy, jobs[k][1])
+
+        for k, (index, program) in enumerate(jobs):
+            value, reason = self.run_job(index, program, timeout, memory_mb, entry, ahead.pop(k, None),
+                                         lambda: prepare_next(k + 1))  # fmt: skip
+            self.send({"i": index, "v": value, "r": reason})
+
+    def run_job(self, index, program, timeout, memory_mb, entry, prepared=None, meanwhile=None):
         if len(program) > _MAX_PROGRAM:
             return None, "forbidden: a program of more than 1 MiB"
         lazy = [m for m in sorted(self.apis.LAZY_MODULES) if m in program and m in self.policy.allowed]
@@ -230,13 +243,13 @@ class Zygote:
             self.send({"i": index, "ev": "start"})
         if self.os_only:
             return self._run_forked(None, program, entry, timeout, memory_mb)
-        code, reason, pure = self.policy_mod.prepare(self.policy, program)
+        code, reason, pure = prepared or self.policy_mod.prepare(self.policy, program)
         if code is None:
             return None, reason  # refused or not Python: nothing to run
         if pure and self.share_pure:
             job = marshal.dumps((code, entry))
             if len(job) <= _SHARED_MAX_CODE:
-                result = self._run_shared(job, timeout, memory_mb)
+                result = self._run_shared(job, timeout, memory_mb, meanwhile)
                 if result is not None:
                     return result
         return self._run_forked(code, program, entry, timeout, memory_mb)
@@ -269,8 +282,9 @@ class Zygote:
             return None, "timeout"
         return None, "crashed"
 
-    def _run_shared(self, job, timeout, memory_mb):
-        """A pure program in the shared child; None when it must be rerun in a fork of its own."""
+    def _run_shared(self, job, timeout, memory_mb, meanwhile=None):
+        """A pure program in the shared child; None when it must be rerun in a fork of its own.
+        `meanwhile()` runs in the zygote while the child computes."""
         shared = self._shared_child((timeout, memory_mb))
         if select.select([shared.results], [], [], 0)[0]:  # it wrote while it had no job: misbehaving
             self._drop_shared()
@@ -280,7 +294,10 @@ class Zygote:
         except OSError:  # it died while idle
             self._drop_shared()
             return None
-        frame, timed_out = self._read_result(shared.results, time.monotonic() + timeout, exact=True)
+        deadline = time.monotonic() + timeout
+        if meanwhile is not None:
+            meanwhile()
+        frame, timed_out = self._read_result(shared.results, deadline, exact=True)
         shared.tasks += 1
         if frame is None:
             self._drop_shared()
@@ -331,10 +348,11 @@ class Zygote:
         poller.register(self.sock, 0)  # hang-up only: the parent sends nothing while a batch runs
         buf = b""
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None, True
-            for fd, events in poller.poll(left * 1000 + 1):
+            left = max(0.0, deadline - time.monotonic())
+            events = poller.poll(left * 1000)
+            if not events and left == 0:
+                return None, True  # (a frame already waiting was read first: poll saw it)
+            for fd, _ in events:
                 if fd == self.sock:
                     raise ParentGone()
                 chunk = os.read(r, 1 << 16)
