@@ -58,3 +58,29 @@ test-vllm: vllm-env
 
 bench-vllm: vllm-env
 	$(VLLM_PY) bench/bench_vllm.py
+
+# reftune vs TRL's GRPOTrainer (bench/bench_vs_trl.py): a separate environment, since TRL is a
+# bench-only dependency. `make bench-env` builds .venv-bench (the CPU torch, trl 1.16, reftune
+# editable); `make bench-trl` runs the comparison at 1 and 2 threads.
+BENCH_VENV ?= .venv-bench
+BENCH_TORCH ?= torch==2.13.0
+TRL ?= trl==1.16.*
+BENCH_PY := $(BENCH_VENV)/bin/python
+
+.PHONY: bench-env bench-trl bench-scaling
+
+$(BENCH_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install -q "$(BENCH_TORCH)"
+	$(BENCH_PY) -m pip install -q "$(TRL)"
+	$(BENCH_PY) -m pip install -q -e .
+	$(BENCH_PY) -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)"
+	touch $@
+
+bench-env: $(BENCH_VENV)/.installed
+
+bench-trl: bench-env
+	$(BENCH_PY) bench/bench_vs_trl.py --threads 1,2
+
+bench-scaling: install
+	$(PY) bench/bench_scaling.py

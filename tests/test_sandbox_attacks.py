@@ -378,6 +378,8 @@ POISON = {
     "del in a cycle": prog("a = Slow()\na.me = a\nreturn 1",
                            header="import math\nclass Slow:\n    def __del__(self):\n        type(math).sqrt = property(lambda s: (lambda x: 0))\n"
                                   "        while True:\n            pass\n"),
+    "del storm": prog("for i in range(2000):\n    a = Heavy()\n    a.me = a\nreturn 2",
+                      header="class Heavy:\n    def __del__(self):\n        self.junk = [0] * 10 ** 5\n"),
     "mutable default": prog("acc.append(1)\nreturn len(acc)", header="acc = []\n"),
 }  # fmt: skip
 # The benign programs each poisoning targets (checked right after it, and again in the next call).
@@ -404,6 +406,7 @@ def test_no_program_changes_a_later_one(ex, tmp_root):
     assert named["decimal context"].value == "0.14"
     assert named["mutable default"].value == 1
     assert named["del in a cycle"].value in (1, None)  # its own __del__ may cost it its own timeout
+    assert named["del storm"].value in (2, None)
 
 
 def test_threads_and_files_die_with_their_program(ex_os, tmp_root):
@@ -415,9 +418,10 @@ def test_threads_and_files_die_with_their_program(ex_os, tmp_root):
     writer = prog("os.makedirs('a/b')\nopen('a/b/c.txt', 'w').write('x')\nopen('left.txt', 'w').write('x')\nreturn 2",
                   header="import os\n")  # fmt: skip
     looker = prog("time.sleep(0.1)\nreturn str(sorted(os.listdir('.')))", header="import os, time\n")
-    results = ex_os.run([spinner, looker, writer, looker, spinner, looker])
+    failing = spinner.replace("return 1", "raise ValueError('after starting the thread')")
+    results = ex_os.run([spinner, looker, writer, looker, failing, looker])
     assert results == [ExecResult(1, ""), ExecResult("[]", ""), ExecResult(2, ""), ExecResult("[]", ""),
-                       ExecResult(1, ""), ExecResult("[]", "")]  # fmt: skip
+                       ExecResult(None, "error: ValueError: after starting the thread"), ExecResult("[]", "")]  # fmt: skip
     assert children_of(set(ex_os.worker_pids())) == []  # every forked child is gone
     assert_no_leftovers(ex_os, tmp_root)
 
