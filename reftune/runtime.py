@@ -10,10 +10,14 @@ import os
 import sys
 
 
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def free_cores() -> int:
     """CPUs this process may use minus the runnable load already on them (1-minute load average),
     at least 1. Read at start-up, before this process adds its own load."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = _cpus()
     try:
         busy = int(os.getloadavg()[0] + 0.5)
     except OSError:  # no load average on this platform
@@ -24,28 +28,36 @@ def free_cores() -> int:
 def configure_threads(threads: int = 0) -> dict:
     """Pin torch's intra-op thread count and make its OpenMP workers sleep instead of spin.
 
-    threads: the intra-op thread count; 0 chooses `free_cores()` (all CPUs on an idle machine,
-    fewer beside other busy processes).
+    threads: the intra-op thread count. 0 chooses automatically: every CPU of the process when the
+    passive wait policy is in effect (the robust choice, measured below), else `free_cores()`
+    (fewer threads than busy cores, because spinning workers are what collapses under load).
 
-    Why (bench/bench_threads.py, 2-core machine shared with other jobs): torch's default is one
-    thread per core with OpenMP's ACTIVE wait policy, whose idle workers spin for a while at every
-    barrier. Beside a busy process, each parallel region then waits for a worker that the OS has
-    descheduled in favour of the competitor, and small ops (the tiny model's decode steps, its
-    training steps) run 4-60x slower; alone, 2 threads buy little for a 0.9 M-parameter model.
-    `OMP_WAIT_POLICY=PASSIVE` makes waiting workers yield the core; fewer threads than busy cores
-    removes the waiting itself. The measurement (medians, ratios to running alone with the
-    default) is in bench_threads.py's docstring.
+    Why (bench/bench_threads.py, 2-core machine that also ran a demo and other jobs, load average
+    5-9; medians of 3 rounds, seconds for 32 rows x 32 decode tokens / one ReFT-like train step of
+    the demo's tiny model; "busy": beside one more process spinning on a core):
+
+        setting                     decode alone  decode busy  train alone  train busy
+        torch default (2, active)    7.7 (>90)      14.5 (>90)     4.8          6.6
+        OMP_WAIT_POLICY=PASSIVE, 2   0.59           0.55           0.64         0.81
+        1 thread (active)            0.41           1.43           0.82         1.72
+
+    torch's default is one thread per core with OpenMP's ACTIVE wait policy: idle workers spin at
+    every barrier, and when the OS has descheduled one in favour of another process, every small
+    op waits for it: 7-26x slower than passive here, some runs past 90 s (over 100x). PASSIVE lets
+    waiting workers yield the core; with it, 2 threads were never more than 1.4x off the best
+    setting, while 1 thread lost 2-2.6x whenever another process competed for its core.
 
     The wait policy is read when torch loads its OpenMP runtime, so it only takes effect when this
-    runs before the first `import torch` of the process (the CLI calls it first thing); otherwise
-    the thread count is still pinned, and the returned dict says `wait_policy_applied: False`.
+    runs before the first `import torch` of the process (the CLI should call it first thing);
+    otherwise the thread count is still pinned and the result says `wait_policy_applied: False`.
     An OMP_WAIT_POLICY already set in the environment is kept. Returns what was set.
     """
     if threads < 0:
         raise ValueError(f"threads must be >= 0 (0: automatic), got {threads}")
     torch_loaded = "torch" in sys.modules
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    n = threads or free_cores()
+    passive = os.environ["OMP_WAIT_POLICY"].upper() == "PASSIVE" and not torch_loaded
+    n = threads or (_cpus() if passive else free_cores())
     # For the OpenMP runtime (and MKL) if torch is not loaded yet, and for any subprocess.
     os.environ["OMP_NUM_THREADS"] = str(n)
     import torch

@@ -99,7 +99,8 @@ def test_stdout_flood_is_discarded(ex):
 def test_memory_bomb(ex):
     # A fresh child faults in every page it fills: a small limit keeps the bombs fast on a busy machine.
     for bomb in ("x = [0] * 10 ** 10\nreturn 1", "s = 'ab'\nwhile True:\n    s += s",
-                 "x = []\nwhile True:\n    x.append(bytearray(10 ** 6))", "x = []\nwhile True:\n    x.append([0] * 10 ** 5)"):  # fmt: skip
+                 "x = []\nwhile True:\n    x.append(bytearray(10 ** 6))",
+                 "x = []\nwhile True:\n    x.append([0] * 10 ** 5)"):  # fmt: skip
         assert run_then_good(ex, prog(bomb), memory_mb=128).reason == "memory"
 
 

@@ -65,7 +65,7 @@ class CompareConfig:
     gen_batch_size: int = 64
     """Sequences decoded at once."""
     engine: str = "cached"
-    """Generation engine: cached | hf."""
+    """Generation engine (reftune.engines.ENGINES: cached | hf | vllm, or package.module:Class)."""
     rerank: bool = True
     """Rerank with a reward model (given, or trained here); False: top-1 and voting only."""
     reward_model: str = ""

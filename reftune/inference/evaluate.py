@@ -64,7 +64,7 @@ class EvalConfig:
     batch_size: int = 64
     """Questions decoded at once."""
     engine: str = "cached"
-    """Generation engine: cached (built-in KV-cache sampler) or hf (model.generate)."""
+    """Generation engine (reftune.engines.ENGINES: cached | hf | vllm, or package.module:Class)."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N"""
     dtype: str = "auto"

@@ -54,7 +54,7 @@ class SampleConfig:
     batch_size: int = 64
     """Sequences decoded at once."""
     engine: str = "cached"
-    """Generation engine: cached (built-in KV-cache sampler) | hf (model.generate)."""
+    """Generation engine (reftune.engines.ENGINES: cached | hf | vllm, or package.module:Class)."""
     seed: int = 0
     """Seed of the sampler; chunk i uses seed + i, so a resumed run draws what it would have."""
     device: str = "auto"

@@ -8,7 +8,7 @@
 
 The RL reward is 1 / 0.1 / 0 for correct / answered but wrong / no usable answer, so
 `Graded.answer` is None whenever the answer is unusable, with `Graded.reason` saying why.
-No torch here: data loading, evaluation and the sandbox workers import this module.
+No torch here: data loading and evaluation import this module (the sandbox's workers import nothing of reftune).
 """
 
 from __future__ import annotations

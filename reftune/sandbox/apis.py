@@ -124,7 +124,7 @@ API = {
 def harden_sympy(sympy, forbidden_stub):
     """Close the string evaluators inside sympy itself, in every loaded sympy/mpmath module.
 
-    * sympify()/S()/parse_expr() of a string: parsed by `safe_parse_expr` (an AST walk that builds
+    * sympify()/S()/parse_expr() of a string: parsed by `safe_parse_expr_for`'s (an AST walk that builds
       the expression from numbers, names and calls of allow-listed sympy functions; it never calls
       eval), and the real parser's eval/exec/compile fail closed should anything still reach them;
     * lambdify() (exec of code printed from an expression, whose symbol names a program chooses;
@@ -163,14 +163,19 @@ def safe_lambdify(args, expr, modules=None, printer=None, use_imps=True, dummify
     params = tuple(args) if isinstance(args, (list, tuple)) else (args,)
     expr = sympify(expr)
 
-    def f(*values):
-        result = expr.subs(dict(zip(params, values)))
+    def number(result):
         if getattr(result, "is_Integer", False):
             return int(result)
         if getattr(result, "is_number", False) and not isinstance(result, Tuple):
             value = complex(result)
             return value.real if value.imag == 0 else value
         return result
+
+    def f(*values):
+        subs = dict(zip(params, values))
+        if isinstance(expr, (list, tuple)):  # lambdify of several expressions
+            return type(expr)(number(sympify(e).subs(subs)) for e in expr)
+        return number(expr.subs(subs))
 
     return f
 

@@ -96,7 +96,6 @@ import os
 import secrets
 import select
 import shutil
-import signal
 import socket
 import struct
 import subprocess

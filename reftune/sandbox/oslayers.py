@@ -1,7 +1,7 @@
 """OS-level layers of the sandbox (Linux): what the zygote sets up once and each forked child applies.
 
 Standard library only (ctypes for the system calls Python does not wrap); never imports reftune.
-Each layer is best effort: `Zygote.setup()` returns the names of those the kernel accepted, a probe
+Each layer is best effort: `setup_zygote()` returns the names of those the kernel accepted, a probe
 child tells which of the per-child ones work here, and a child that cannot apply all of those exits
 without running its program. What each layer needs and what happens without it is in `executor.py`.
 """
@@ -100,7 +100,8 @@ def seccomp_filter():
     if machine == "x86_64":
         prog += [(_JGE, 0, 1, 0x40000000), _EPERM]
     prog += _decide(sorted(leaves.items()))
-    assert all(jt < 256 and jf < 256 for _, jt, jf, _ in prog), "BPF jump out of range"
+    if any(jt > 255 or jf > 255 for _, jt, jf, _ in prog):  # 8-bit offsets in classic BPF
+        raise ValueError("seccomp filter: jump out of range")
     return b"".join(struct.pack("=HBBI", *insn) for insn in prog)
 
 

@@ -94,8 +94,9 @@ def check_tree(nodes, allowed):
         elif kind is ast.ImportFrom:  # other imports fail at run time (catchable, as ImportError)
             if node.level:
                 raise ForbiddenImport("relative import")
+            known = API[node.module] if module_allowed(node.module or "", allowed) else None
             for alias in node.names:
-                if module_allowed(node.module or "", allowed) and alias.name != "*" and alias.name not in API[node.module]:
+                if known is not None and alias.name != "*" and alias.name not in known:
                     raise ForbiddenImport(f"from {node.module} import {alias.name}")
         for name in names:
             if attr_blocked(name):

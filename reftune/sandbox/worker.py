@@ -376,7 +376,8 @@ class Zygote:
             return None, "crashed", {}
         if isinstance(value, bool):
             value = int(value)
-        ok_value = value is None or isinstance(value, (int, float)) or isinstance(value, str) and len(value) <= self.policy_mod.MAX_STR
+        short = isinstance(value, str) and len(value) <= self.policy_mod.MAX_STR
+        ok_value = value is None or isinstance(value, (int, float)) or short
         if not ok_value or not isinstance(reason, str) or len(reason) > 1000:
             return None, "crashed", {}
         return value, reason, msg

@@ -121,7 +121,7 @@ class OnlineConfig(RunConfig):
     save_every: int = 10
     """Iterations between resumable checkpoints (0: only at the end)."""
     engine: str = "cached"
-    """Generation engine (reftune.engines.ENGINES): cached (built-in KV-cache sampler) | hf (model.generate) | ..."""
+    """Generation engine (reftune.engines.ENGINES: cached | hf | vllm, or package.module:Class)."""
     gen_batch_size: int = 64
     """Sequences decoded at once."""
 

@@ -55,7 +55,7 @@ class OfflineSTConfig:
     gen_batch_size: int = 64
     """Sequences decoded at once."""
     engine: str = "cached"
-    """Generation engine: cached | hf."""
+    """Generation engine (reftune.engines.ENGINES: cached | hf | vllm, or package.module:Class)."""
     seed: int = 0
     """Seed of the sampler and of the SFT run."""
     device: str = "auto"
