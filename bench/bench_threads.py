@@ -10,15 +10,25 @@ Settings (each in its own process, because OpenMP reads its wait policy when tor
 - default: nothing set (torch: one thread per core, OpenMP's active wait policy),
 - passive: OMP_WAIT_POLICY=PASSIVE only,
 - 1-thread: torch.set_num_threads(1),
-- auto: configure_threads() (passive, threads = free cores when the process starts).
+- auto: configure_threads() (passive, every CPU; see reftune/runtime.py).
 Conditions: alone, and beside `--competitors` processes spinning on a core each. Rounds
 interleave every (setting, condition), so background load hits all alike; each number is the
 median over rounds of a process's median over `--reps` timed repetitions. "x alone-default" is
 the slow-down against the default setting running alone.
 
-Measured on the 2-core dev machine (which also ran a demo and other jobs, so "alone" is not idle):
-see the table in the report of issue 10; typical: default 2 threads beside one busy process
-4-60x slower than alone, passive or 1 thread within 1-2x.
+Measured on the 2-core dev machine (which also ran a demo and other jobs, load average 5-9, so
+"alone" is not idle): 3 rounds x 3 reps, --timeout 90; seconds:
+
+    setting      decode alone  decode busy  train alone  train busy
+    default       7.7 (>90)    14.5 (>90)     4.8          6.6
+    passive       0.59          0.55          0.64         0.81
+    1-thread      0.41          1.43          0.82         1.72
+    auto (then)   0.42          1.17          1.02         1.78    (it chose 1 thread: the load)
+
+(>90: some of the default's processes ran past the timeout.) The default is 7-26x slower than
+passive, over 100x in its worst runs; passive 2 threads stayed within 1.4x of the best setting
+everywhere, 1 thread lost 2-2.6x beside a competitor. `configure_threads(0)` therefore now picks
+passive + every CPU (and falls back to free cores only where the wait policy cannot apply).
 """
 
 from __future__ import annotations
@@ -111,7 +121,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--competitors", type=int, default=1, help="busy processes in the 'busy' condition")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
-    ap.add_argument("--timeout", type=float, default=120, help="seconds per measuring process")
+    ap.add_argument("--timeout", type=float, default=120,
+                    help="seconds per measuring process, its start-up (imports) included")
     ap.add_argument("--worker", choices=SETTINGS, help=argparse.SUPPRESS)
     ap.add_argument("--workload", choices=WORKLOADS, help=argparse.SUPPRESS)
     ap.add_argument("--spin", action="store_true", help=argparse.SUPPRESS)

@@ -22,9 +22,11 @@ VOCABULARIES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def _error(message: str) -> Exception:
-    from reftune.models import ModelLoadError
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer that cannot be loaded; the message names the path or id."""
 
+
+def _error(message: str) -> Exception:
     return ModelLoadError(message)
 
 

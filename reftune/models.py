@@ -5,14 +5,12 @@ or local folder (model and tokenizer, with messages that name the path), and sav
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import torch
 
 
-class ModelLoadError(RuntimeError):
-    """A model or tokenizer that cannot be loaded; the message names the path or id."""
+from reftune.model_files import ModelLoadError  # noqa: F401  (raised by the checks there; re-exported)
 
 
 def resolve_device(device: str = "auto") -> torch.device:

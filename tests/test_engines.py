@@ -153,6 +153,7 @@ def test_sampling_logprobs_equal_a_fresh_forward(warm, prompts, temperature):
     model, tok = warm
     rollout = StaticSampler(model, tok, batch_size=16, seed=3).generate(prompts[:4], num_samples=3,
                                                                         temperature=temperature, max_new_tokens=40)
+    assert model.config._attn_implementation == "sdpa", "sampling switches to eager attention only while it runs"
     ids, mask = rollout.input_ids, rollout.attention_mask
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits

@@ -15,11 +15,11 @@ folder resumes instead of starting over; a trained reward model in `out_dir/rm/`
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reftune.inference.sample import check_samples_origin  # noqa: F401  (re-exported)
 from reftune.compare.methods import DATASET_OF, METHOD_NAMES, METHODS, PAPER_RESULTS  # noqa: F401  (re-exported)
 from reftune.tasks import DataConfig, Task
 from reftune.trainers.reward_model import RewardModelConfig
@@ -119,22 +119,6 @@ def reft_metrics(cfg: CompareConfig) -> list[dict]:
     from reftune.runs import read_jsonl
 
     return [r for r in read_jsonl(run / "metrics.jsonl") if "reft/score" in r]
-
-
-def check_samples_origin(samples_path: Path, origin: dict) -> None:
-    """Samples files resume across reruns; refuse one drawn from another checkpoint or with other
-    settings (a sidecar `.origin.json` records them), instead of silently mixing the two."""
-    from reftune.runs import write_json
-
-    sidecar = samples_path.with_name(samples_path.name + ".origin.json")
-    if samples_path.exists() and sidecar.exists():
-        before = json.loads(sidecar.read_text())
-        changed = sorted(k for k in origin if before.get(k) != origin[k])
-        if changed:
-            raise ValueError(f"{samples_path} was drawn with other {', '.join(changed)}; "
-                             f"use another out_dir (or delete the file) to compare other checkpoints")
-    samples_path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(sidecar, origin)
 
 
 def _load(path: str, device, dtype):

@@ -29,7 +29,7 @@ class EngineSpec:
 ENGINES: dict[str, EngineSpec] = {
     "cached": EngineSpec("reftune.engines.cached:CachedSampler", "built-in KV-cache sampler on the live policy"),
     "hf": EngineSpec("reftune.engines.hf:HFGenerator", "transformers model.generate on the live policy"),
-    "static": EngineSpec("reftune.engines.static:StaticSampler", "preallocated-KV sampler on the live policy, fastest on CPU"),
+    "static": EngineSpec("reftune.engines.static:StaticSampler", "preallocated-KV sampler, live policy (CPU)"),
     "vllm": EngineSpec("reftune.engines.vllm:VLLMGenerator", "vLLM in this process, weights synced in memory (reftune[vllm])"),
 }
 

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from reftune.batching import pad, pad_with_mask
+from reftune.batching import pad_with_mask
 
 
 @dataclass

@@ -276,3 +276,19 @@ def run_sample(cfg: SampleConfig, overwrite: bool = False) -> dict:
     write_json(run_dir / f"{cfg.split}_samples_summary.json", summary)
     folder.release()
     return summary
+
+
+def check_samples_origin(samples_path: Path, origin: dict) -> None:
+    """Samples files resume across reruns; refuse one drawn from another checkpoint or with other
+    settings (a sidecar `.origin.json` records them), instead of silently mixing the two."""
+    from reftune.runs import write_json
+
+    sidecar = samples_path.with_name(samples_path.name + ".origin.json")
+    if samples_path.exists() and sidecar.exists():
+        before = json.loads(sidecar.read_text())
+        changed = sorted(k for k in origin if before.get(k) != origin[k])
+        if changed:
+            raise ValueError(f"{samples_path} was drawn with other {', '.join(changed)}; "
+                             f"use another out_dir (or delete the file) to compare other checkpoints")
+    samples_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(sidecar, origin)

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from reftune.engines import Generator, check_engine, make_generator
+from reftune.engines import Generator, make_generator
 from reftune.inference.evaluate import evaluate
 from reftune.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype, resolve_mixed_precision
 from reftune.model_files import check_model_source

@@ -167,7 +167,7 @@ def run_offline_st(cfg: OfflineSTConfig, task: Task | None = None, samples: list
 
 
 def _offline_st_stages(cfg: OfflineSTConfig, task: Task, samples, run_dir: Path, sample_here: bool) -> dict:
-    from reftune.compare.compare import check_samples_origin
+    from reftune.inference.sample import check_samples_origin
     from reftune.engines import make_generator
     from reftune.inference.sample import read_samples, sample_to_file
     from reftune.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
