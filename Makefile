@@ -23,7 +23,7 @@ test: install
 	$(PY) -m pytest tests
 
 bench: install
-	$(PY) bench/bench_generation.py
+	$(PY) bench/bench_rollout.py
 	$(PY) bench/bench_sandbox.py
 
 clean:

@@ -80,7 +80,7 @@ class Gate:
     and keeps the iteration's timers."""
 
     def __init__(self, baseline_mib: float):
-        self.baseline_mib, self.t_go, self.timers, self.questions = baseline_mib, 0.0, {}, 0
+        self.baseline_mib, self.t_go, self.timers, self.questions, self.shape = baseline_mib, 0.0, {}, 0, []
         self.ready = False
 
     def wait(self) -> None:
@@ -140,6 +140,14 @@ def reftune_worker(args, gate: Gate) -> None:
     time_grader(task, gate)
     nograd = lambda: None if torch.is_grad_enabled() else "passes"  # noqa: E731
     reft_module.policy_forward = gate.timed("", reft_module.policy_forward, classify=nograd)
+    sample_and_score = reft_module.sample_and_score
+
+    def sample_and_note_shape(*a, **kw):
+        scored = sample_and_score(*a, **kw)
+        gate.shape = [scored.rollout.prompt_ids.shape[0], scored.rollout.prompt_ids.shape[1],
+                      scored.rollout.response_ids.shape[1]]
+        return scored
+    reft_module.sample_and_score = sample_and_note_shape
 
     def end(done: int, metrics: dict) -> None:
         wall, t = gate.elapsed(), gate.timers
@@ -149,7 +157,7 @@ def reftune_worker(args, gate: Gate) -> None:
         parts["update"] = metrics["reft/seconds"] - sum(parts.values())
         parts["other"] = wall - metrics["reft/seconds"]
         emit(wall=wall, rows=rows, response_length=metrics["reft/response_length"], parts=parts,
-             questions=gate.questions)
+             questions=gate.questions, shape=gate.shape)
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = dataclasses.replace(
@@ -238,7 +246,7 @@ def trl_worker(args, gate: Gate) -> None:
 class Worker:
     """A worker process: `step()` runs one iteration and returns its message; `stop()` its memory."""
 
-    def __init__(self, name: str, argv: list[str], log_dir: str, threads: int):
+    def __init__(self, name: str, argv: list[str], log_dir: str, threads: int, wait: bool = True):
         self.name = name
         self.log = open(Path(log_dir) / f"{name.replace('/', '_')}-{threads}.log", "w+")
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
@@ -246,6 +254,11 @@ class Worker:
         self.proc = subprocess.Popen([sys.executable, *argv, "--threads", str(threads)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, cwd=ROOT)
         self.started = time.perf_counter()
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Until the worker has loaded everything and waits for its first iteration."""
         self.info = self._read()
         self.setup_s = time.perf_counter() - self.started
 
@@ -412,12 +425,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as logs:
         for threads in [int(t) for t in args.threads.split(",")]:
             print(f"## {threads} thread(s)\n", flush=True)
-            workers = {}
-            for name, argv in specs.items():
-                workers[name] = Worker(name, argv, logs, threads)
-                info = workers[name].info
-                print(f"  {name}: ready in {workers[name].setup_s:.0f} s, torch threads {info['threads']}, "
-                      f"OMP_WAIT_POLICY={info['wait_policy']}", flush=True)
+            workers = {name: Worker(name, argv, logs, threads, wait=False) for name, argv in specs.items()}
+            for name, w in workers.items():  # started together; each waits for its first `go`
+                w.wait_ready()
+                print(f"  {name}: ready in {w.setup_s:.0f} s, torch threads {w.info['threads']}, "
+                      f"OMP_WAIT_POLICY={w.info['wait_policy']}", flush=True)
             first, timed, stops = interleaved(workers, args.repeats)
             same = all(len({timed[n][r]["questions"] for n in workers}) == 1 for r in range(args.repeats))
             base = "trl" if use_trl else next(iter(specs))

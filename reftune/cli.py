@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     args = parse_args(argv)
+    from reftune.runtime import configure_threads
+
+    configure_threads(0)  # before torch loads: OpenMP workers that sleep, not spin, when cores are shared
     from reftune.config import ConfigError
     from reftune.models import ModelLoadError
 

@@ -76,7 +76,7 @@ class DemoConfig:
     warmup_epoch: int = 13
     """SFT epoch whose checkpoint is the warm-up model ReFT starts from."""
     threads: int = 0
-    """CPU threads for torch (0: leave torch's default)."""
+    """CPU threads for torch (0: automatic, see reftune.runtime.configure_threads)."""
     data: DataConfig = field(default_factory=_demo_data)
     """The built-in task."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)

@@ -57,7 +57,8 @@ def configure_threads(threads: int = 0) -> dict:
     torch_loaded = "torch" in sys.modules
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     passive = os.environ["OMP_WAIT_POLICY"].upper() == "PASSIVE" and not torch_loaded
-    n = threads or (_cpus() if passive else free_cores())
+    # An OMP_NUM_THREADS the user (or a test harness) already set is a choice too: keep it.
+    n = threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or (_cpus() if passive else free_cores())
     # For the OpenMP runtime (and MKL) if torch is not loaded yet, and for any subprocess.
     os.environ["OMP_NUM_THREADS"] = str(n)
     import torch
