@@ -74,8 +74,34 @@ def from_dict(cls: type[T], values: dict, where: str = "config") -> T:
             f"{where}: unknown key(s) {', '.join(map(repr, unknown))} for {cls.__name__}; "
             f"known keys: {', '.join(sorted(types))}"
         )
-    kwargs = {k: _coerce(v, types[k], f"{where}: key {k!r}") for k, v in values.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in values.items():
+        if (v is None or isinstance(v, dict)) and dataclasses.is_dataclass(types[k]):
+            v = v or {}  # an empty YAML section: all of this class's defaults for it
+            # A section given in part (`sft.lr=1e-4`) completes this class's own default for it (the
+            # demo's SFT settings), not the section class's bare defaults.
+            v = _merge(_default_section(fields[k]), v)
+        kwargs[k] = _coerce(v, types[k], f"{where}: key {k!r}")
     return cls(**kwargs)
+
+
+def _default_section(f: dataclasses.Field) -> dict:
+    if f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    elif f.default is not dataclasses.MISSING:
+        default = f.default
+    else:
+        return {}
+    return dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}
+
+
+def _merge(base: dict, given: dict) -> dict:
+    """`given` over `base`, nested dicts merged key by key."""
+    out = dict(base)
+    for k, v in given.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
 
 
 def to_dict(cfg) -> dict:

@@ -222,3 +222,15 @@ def test_nested_override_on_an_empty_yaml_section(tmp_path):
     path = write(tmp_path, "data:\nepochs: 2\n")
     assert load_config(SFTConfig, path, ["data.style=nl"]).data.style == "nl"
     assert load_config(SFTConfig, path).data == DataConfig()
+
+
+def test_a_partial_section_completes_the_default_of_its_field():
+    """`reftune demo sft.lr=...` keeps the demo's SFT settings (18 epochs), not SFTConfig's bare
+    defaults (3), and an empty YAML section means the field's own default."""
+    from reftune.demo import DemoConfig
+
+    cfg = load_config(DemoConfig, None, ["sft.lr=1e-4", "data.n_train=100"])
+    default = DemoConfig()
+    assert (cfg.sft.epochs, cfg.sft.lr) == (default.sft.epochs, 1e-4)
+    assert (cfg.data.n_train, cfg.data.n_test) == (100, default.data.n_test)
+    assert from_dict(DemoConfig, {"reft": None}).reft == default.reft
