@@ -161,7 +161,7 @@ def main() -> None:
               f"| {int(rows) / m['wall']:.1f} | {cells} | {rate['generate']:.1f} ({100 * rate['generate'] / peak:.0f}%) "
               f"| {rate['passes']:.1f} | {rate['update']:.1f} | {first[name][0]['wall']:.2f} "
               f"| {stops[name]['peak_rss_mib']:.0f} |")
-    print(f"\nshapes (rows, prompt, response) of the median iterations: "
+    print("\nshapes (rows, prompt, response) of the median iterations: "
           + ", ".join(f"{n} {tuple(median_message(timed[n])['shape'])}" for n in workers))
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 

@@ -57,7 +57,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TAG = "@@bench "  # prefix of the worker's protocol lines on stdout (libraries may print too)
 PARTS = ("generate", "reward", "passes", "update", "other")
-ITERATIONS = 200  # steps a worker can run (warm-up + repeats must stay below)
+ITERATIONS = 200  # reftune steps whose questions the TRL dataset holds (warm-up + repeats stay far below)
 
 
 class Stop(Exception):
@@ -446,7 +446,7 @@ def main() -> None:
                       f"| {s['peak_rss_mib']:.0f} | {s['peak_rss_mib'] - s['baseline_mib']:.0f} |")
                 summary.append((threads, n, med[n] / med[base]))
             print(f"\nsame questions in every framework's iteration of each round: {'yes' if same else 'NO'}")
-            print(f"\nsplit of the median iteration, seconds (share of wall):\n")
+            print("\nsplit of the median iteration, seconds (share of wall):\n")
             print("| framework | wall | " + " | ".join(PARTS) + " |")
             print("|---|---|" + "---|" * len(PARTS))
             for n in workers:
