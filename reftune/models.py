@@ -128,3 +128,31 @@ def save_hf(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> 
         state_dict = {k: v for k, v in state_dict.items() if k not in tied}
     model.save_pretrained(out_dir, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(out_dir)
+
+
+def is_peft(model) -> bool:
+    """A peft (LoRA) wrapper around an HF model."""
+    return hasattr(model, "get_base_model") and hasattr(model, "disable_adapter")
+
+
+@torch.no_grad()
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """The base model's state dict with every adapter folded in (W + scale * B @ A), under the
+    plain HF parameter names, computed without changing `model`."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    deltas = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    delta = module.get_delta_weight(adapter)
+                    deltas[f"{name}.weight"] = deltas.get(f"{name}.weight", 0) + delta
+    out = {}
+    for key, value in base.state_dict().items():
+        if ".lora_" in key:
+            continue
+        clean = key.replace(".base_layer.", ".")
+        out[clean] = value + deltas[clean].to(value.dtype) if clean in deltas else value
+    return out

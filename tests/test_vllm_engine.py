@@ -273,3 +273,31 @@ def test_reft_run_trains_with_vllm(tmp_path, vllm_warmup, small_task, prompts, m
     real_sync(gen)
     gen.rng.manual_seed(5)
     assert gen.generate(prompts, num_samples=2, max_new_tokens=40).texts != trained_cots
+
+
+@needs_vllm
+def test_lora_policy_syncs_its_merged_weights(engine, prompts):
+    """A LoRA (peft) policy: vLLM receives base + adapter merged, so its greedy CoTs are those of
+    the adapted model (and not of the base)."""
+    import copy
+
+    pytest.importorskip("peft")
+    from reftune.trainers.lora import apply_lora
+    from reftune.trainers.reft import ReFTConfig
+
+    policy, gen = engine
+    lora_policy = apply_lora(copy.deepcopy(policy), ReFTConfig(lora_r=4, lora_target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in lora_policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    base = tokens(gen.generate(prompts, greedy=True, max_new_tokens=48))
+    try:
+        gen.model = lora_policy
+        gen.sync_weights()
+        ours = tokens(gen.generate(prompts, greedy=True, max_new_tokens=48))
+        assert ours == tokens(HFGenerator(lora_policy, gen.tokenizer).generate(prompts, greedy=True, max_new_tokens=48))
+        assert ours != base
+    finally:
+        gen.model = policy
+        gen.sync_weights()

@@ -178,9 +178,21 @@ class VLLMGenerator:
         once under its first name: a tied `lm_head.weight` is left out, as vLLM ties `lm_head` to
         `embed_tokens` itself and its loaders skip `lm_head.*` (or have no such parameter)."""
         model = self.model
+        if hasattr(model, "get_base_model"):  # a LoRA (peft) policy: vLLM gets the merged weights
+            model = model.get_base_model()
+            first = {name.replace(".base_layer.", ".") for name, _ in model.named_parameters() if ".lora_" not in name}
+            tied = {name.replace(".base_layer.", ".") for name, _ in model.named_parameters(remove_duplicate=False)
+                    if ".lora_" not in name} - first
+            return [(name, t) for name, t in self._merged(self.model).items() if name not in tied]
         first = {name for name, _ in model.named_parameters()}  # torch drops later names of a shared tensor
         tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - first
         return [(name, t.detach()) for name, t in model.state_dict(keep_vars=True).items() if name not in tied]
+
+    @staticmethod
+    def _merged(model) -> dict[str, torch.Tensor]:
+        from reftune.models import merged_state_dict
+
+        return merged_state_dict(model)
 
     @torch.no_grad()
     def sync_weights(self) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
+from reftune.models import is_peft, merged_state_dict  # noqa: F401  (re-exported)
 
 
 def lora_enabled(cfg) -> bool:
@@ -28,37 +28,10 @@ def apply_lora(model, cfg):
     return get_peft_model(model, config)
 
 
-def is_peft(model) -> bool:
-    return hasattr(model, "get_base_model") and hasattr(model, "disable_adapter")
-
-
 def reference_mode(model):
     """A context in which `model` computes the frozen reference: its adapter disabled (LoRA), or
     nothing to do (the caller then uses a separate reference model)."""
     return model.disable_adapter() if is_peft(model) else contextlib.nullcontext()
-
-
-@torch.no_grad()
-def merged_state_dict(model) -> dict[str, torch.Tensor]:
-    """The base model's state dict with every adapter folded in (W + scale * B @ A), under the
-    plain HF parameter names, computed without changing `model`."""
-    from peft.tuners.lora import LoraLayer
-
-    base = model.get_base_model()
-    deltas = {}
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLayer):
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A:
-                    delta = module.get_delta_weight(adapter)
-                    deltas[f"{name}.weight"] = deltas.get(f"{name}.weight", 0) + delta
-    out = {}
-    for key, value in base.state_dict().items():
-        if ".lora_" in key:
-            continue
-        clean = key.replace(".base_layer.", ".")
-        out[clean] = value + deltas[clean].to(value.dtype) if clean in deltas else value
-    return out
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
