@@ -221,10 +221,59 @@ def test_logprob_gap_after_sync(restored, prompts):
 
 
 @needs_vllm
+def test_lora_policy_syncs_its_merged_weights(engine, prompts):
+    """A LoRA (peft) policy: vLLM receives base + adapter merged, so its greedy CoTs are those of
+    the adapted model (and not of the base)."""
+    import copy
+
+    pytest.importorskip("peft")
+    from reftune.trainers.lora import apply_lora
+    from reftune.trainers.reft import ReFTConfig
+
+    policy, gen = engine
+    lora_policy = apply_lora(copy.deepcopy(policy), ReFTConfig(lora_r=4, lora_target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in lora_policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    base = tokens(gen.generate(prompts, greedy=True, max_new_tokens=48))
+    try:
+        gen.model = lora_policy
+        gen.sync_weights()
+        ours = tokens(gen.generate(prompts, greedy=True, max_new_tokens=48))
+        assert ours == tokens(HFGenerator(lora_policy, gen.tokenizer).generate(prompts, greedy=True, max_new_tokens=48))
+        assert ours != base
+    finally:
+        gen.model = policy
+        gen.sync_weights()
+
+
+@needs_vllm
+def test_newer_engine_closes_the_previous_one(engine, vllm_warmup, prompts):
+    """vLLM keeps one engine per process: building a second VLLMGenerator closes the first (which
+    then says so when used), and the second one generates, also after the first is collected."""
+    import gc
+
+    from reftune.engines.vllm import VLLMGenerator
+
+    policy, old = engine
+    old.generate(prompts, greedy=True, max_new_tokens=8)  # live until a newer engine is built
+    new = VLLMGenerator(policy, old.tokenizer, seed=0, model_path=vllm_warmup, max_model_len=MAX_MODEL_LEN)
+    with pytest.raises(RuntimeError, match="closed"):
+        old.generate(prompts, greedy=True, max_new_tokens=8)
+    old.close()  # idempotent
+    del old, engine
+    gc.collect()
+    ro = new.generate(prompts, greedy=True, max_new_tokens=48)
+    assert tokens(ro) == tokens(HFGenerator(policy, new.tokenizer).generate(prompts, greedy=True, max_new_tokens=48))
+    new.close()
+
+
+@needs_vllm
 def test_reft_run_trains_with_vllm(tmp_path, vllm_warmup, small_task, prompts, monkeypatch):
     """(d) A short ReFT run with engine=vllm: the policy changes, every step ends with a sync, and
     after the run vLLM samples from the TRAINED policy (its log-probs match the trained weights,
-    not the warm-up's)."""
+    not the warm-up's). Runs last: vLLM keeps one engine per process, so the run's engine replaces any other."""
     from safetensors.torch import load_file
 
     from reftune.engines.vllm import VLLMGenerator
@@ -273,31 +322,3 @@ def test_reft_run_trains_with_vllm(tmp_path, vllm_warmup, small_task, prompts, m
     real_sync(gen)
     gen.rng.manual_seed(5)
     assert gen.generate(prompts, num_samples=2, max_new_tokens=40).texts != trained_cots
-
-
-@needs_vllm
-def test_lora_policy_syncs_its_merged_weights(engine, prompts):
-    """A LoRA (peft) policy: vLLM receives base + adapter merged, so its greedy CoTs are those of
-    the adapted model (and not of the base)."""
-    import copy
-
-    pytest.importorskip("peft")
-    from reftune.trainers.lora import apply_lora
-    from reftune.trainers.reft import ReFTConfig
-
-    policy, gen = engine
-    lora_policy = apply_lora(copy.deepcopy(policy), ReFTConfig(lora_r=4, lora_target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, p in lora_policy.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-    base = tokens(gen.generate(prompts, greedy=True, max_new_tokens=48))
-    try:
-        gen.model = lora_policy
-        gen.sync_weights()
-        ours = tokens(gen.generate(prompts, greedy=True, max_new_tokens=48))
-        assert ours == tokens(HFGenerator(lora_policy, gen.tokenizer).generate(prompts, greedy=True, max_new_tokens=48))
-        assert ours != base
-    finally:
-        gen.model = policy
-        gen.sync_weights()

@@ -45,6 +45,12 @@ set: the global RNG seeds it sets are restored, `torch.set_num_threads` (which i
 turns into a no-op) is restored, and it computes on the torch thread pool the process already has
 (pin it with `torch.set_num_threads` before building the engine; vLLM binds its own OpenMP
 threads only in its multiprocess mode).
+
+One engine per process: vLLM keeps its parallel groups in process globals, and an in-process
+engine's shutdown (when it is closed or garbage-collected) tears them down for every engine in the
+process. So building a new VLLMGenerator first closes the previous one (as `compare` does between
+methods); the closed one then refuses to generate with a clear error instead of failing deep inside
+vLLM.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import weakref
+from typing import ClassVar
 
 import torch
 
@@ -115,6 +123,10 @@ def _refresh_tied_layers(model: torch.nn.Module) -> int:
 class VLLMGenerator:
     """vLLM on the policy's weights; see the module doc for options and how the sync works."""
 
+    # The process's live engine (see "One engine per process" in the module doc): it mirrors
+    # vLLM's own process-global state, so it is kept per process, not per instance.
+    _live: ClassVar[weakref.ref | None] = None
+
     def __init__(self, model, tokenizer, batch_size: int = 64, seed: int | None = None, model_path: str | None = None,
                  *, max_model_len: int | None = None, gpu_memory_utilization: float | None = None,
                  enforce_eager: bool | None = None, dtype: str | None = None, **llm_kwargs):
@@ -163,15 +175,35 @@ class VLLMGenerator:
         # binds no threads and the trainer still owns the thread pool, so the original is put back.
         # In process, vLLM also re-seeds the global python/numpy/torch RNGs with its own seed; the
         # trainer's streams (dropout, question order) are kept as they were, as with other engines.
+        previous = VLLMGenerator._live() if VLLMGenerator._live is not None else None
+        if previous is not None:
+            previous.close()
         set_num_threads, rng = torch.set_num_threads, _global_rng_state()
         try:
             self.llm = vllm.LLM(**llm_args)
         finally:
             torch.set_num_threads = set_num_threads
             _set_global_rng_state(rng)
+        VLLMGenerator._live = weakref.ref(self)
         # vLLM loaded `model_path` from disk; the live policy may already differ (a resumed run, or
         # weights changed after loading), so start from the live weights.
         self.sync_weights()
+
+    def close(self) -> None:
+        """Shut this engine's vLLM down now (idempotent); it cannot generate afterwards."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is None:
+            return
+        llm.llm_engine.engine_core.shutdown()  # once only: vLLM detaches its own finalizer
+        if VLLMGenerator._live is not None and VLLMGenerator._live() is self:
+            VLLMGenerator._live = None
+
+    def _engine(self):
+        llm = self.__dict__.get("llm")
+        if llm is None:
+            raise RuntimeError("this vLLM engine was closed (vLLM keeps one engine per process, so building a "
+                               "newer VLLMGenerator closes the previous one): build a new one to generate")
+        return llm
 
     def _policy_weights(self) -> list[tuple[str, torch.Tensor]]:
         """(name, tensor) pairs of the HF policy's state dict in checkpoint format, each tied tensor
@@ -203,13 +235,14 @@ class VLLMGenerator:
         reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
         level = reload_log.level
         reload_log.setLevel(logging.ERROR)
+        llm = self._engine()
         try:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(self._policy_weights()),
+            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(self._policy_weights()),
                                                               "is_checkpoint_format": True})
         finally:
             reload_log.setLevel(level)
-        self.llm.apply_model(_refresh_tied_layers)
-        self.llm.reset_prefix_cache()
+        llm.apply_model(_refresh_tied_layers)
+        llm.reset_prefix_cache()
 
     def generate(self, prompts, *, num_samples=1, greedy=False, temperature=1.0, top_p=1.0,
                  max_new_tokens=256) -> Rollout:
@@ -232,7 +265,7 @@ class VLLMGenerator:
             detokenize=False,
         )
         params = [SamplingParams(seed=s, **common) for s in seeds]
-        outputs = self.llm.generate([{"prompt_token_ids": e} for e in encoded], params, use_tqdm=False)
+        outputs = self._engine().generate([{"prompt_token_ids": e} for e in encoded], params, use_tqdm=False)
 
         prompt_rows, responses, logprobs = [], [], []
         for ids, out in zip(encoded, outputs):
