@@ -124,6 +124,8 @@ class OnlineConfig(RunConfig):
     """Generation engine (reftune.engines.ENGINES: cached | hf | vllm, or package.module:Class)."""
     gen_batch_size: int = 64
     """Sequences decoded at once."""
+    logprob_chunk_size: int = 0
+    """Response tokens per chunk when computing log-probs from the hidden states (0: all at once); bounds the (batch, chunk, vocab) logits held at once."""
 
     def validate(self, prefix: str = "") -> None:
         from reftune.validate import Checks
@@ -134,6 +136,7 @@ class OnlineConfig(RunConfig):
         c.float("lr", 0.0, lo_open=True).float("weight_decay", 0.0).float("max_grad_norm", 0.0, lo_open=True)
         c.temperature().top_p().int("max_new_tokens", 1).int("eval_every", 0).choice("eval_split", EVAL_SPLITS)
         c.int("eval_max_new_tokens", 1).int("save_every", 0).engine().int("gen_batch_size", 1)
+        c.int("logprob_chunk_size", 0)
 
 
 @dataclass

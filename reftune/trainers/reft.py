@@ -23,7 +23,7 @@ from reftune.trainers.advantages import get_estimator
 from reftune.trainers.distributed import scalar
 from reftune.trainers.lora import is_peft, reference_mode
 from reftune.trainers.loop import Callbacks, OnlineConfig, OnlineRun
-from reftune.trainers.policy import ValueHead, policy_forward
+from reftune.trainers.policy import ValueHead, frozen_forward, policy_forward
 from reftune.trainers.rollout import sample_and_score
 
 KL_COEF_BY_STYLE = {"nl": 0.05, "program": 0.01}  # the release's defaults (0.01 for MathQA-numeric N-CoT)
@@ -125,6 +125,12 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
     if mini_batch * run.dist.world_size != cfg.mini_batch_size:
         raise ValueError(f"mini_batch_size={cfg.mini_batch_size} does not split over {run.dist.world_size} processes")
     reduce = run.dist.all_reduce_sum if run.dist.enabled else None
+    # Each question's samples are one group of rows. Mini-batches hold whole groups, so the
+    # forward passes can run each prompt once (policy.shared_prompt_forward): always without
+    # gradients, and with them in one process (a DDP/FSDP wrapper expects one forward per backward).
+    group = cfg.samples_per_prompt if mini_batch % cfg.samples_per_prompt == 0 else 1
+    shared = group if group > 1 and not cfg.gradient_checkpointing and not cfg.logprob_chunk_size else 1
+    shared_grad = shared if not run.dist.enabled else 1
 
     for step in run.steps():
         t0 = time.time()
@@ -144,10 +150,11 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
             if value_head is not None:
                 value_head.eval()
             old_logprobs, old_values, _ = policy_forward(policy, critic, input_ids, attention_mask, ro.response_ids,
-                                                         P, cfg.temperature)
-            with reference_mode(ref_model):
+                                                         P, cfg.temperature, cfg.logprob_chunk_size, group_size=shared)
+            with reference_mode(ref_model), frozen_forward(ref_model is not model):
                 ref_logprobs, _, _ = policy_forward(ref_model, None, input_ids, attention_mask, ro.response_ids, P,
-                                                    cfg.temperature)
+                                                    cfg.temperature, cfg.logprob_chunk_size, group_size=shared)
+            ref_logprobs = ref_logprobs.clone()  # a normal tensor: an inference one cannot be saved for backward
             kl = A.kl_penalty(old_logprobs, ref_logprobs, cfg.kl_estimator)
             mean_kl = float(A.masked_sum(kl, response_mask) / max(len(questions) * cfg.samples_per_prompt, 1))
             if not math.isfinite(mean_kl):
@@ -163,11 +170,12 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
         stats: dict[str, list[float]] = {}
         B = input_ids.shape[0]
         for _ in range(cfg.ppo_epochs):
-            for idx in torch.randperm(B).split(mini_batch):
+            for idx in shuffled_groups(B, group).split(mini_batch):
                 mb_mask = response_mask[idx]
                 with autocast(amp, device):
-                    logprobs, values, logits = policy_forward(policy, critic, input_ids[idx], attention_mask[idx],
-                                                              ro.response_ids[idx], P, cfg.temperature)
+                    logprobs, values, token_entropy = policy_forward(
+                        policy, critic, input_ids[idx], attention_mask[idx], ro.response_ids[idx], P, cfg.temperature,
+                        cfg.logprob_chunk_size, with_entropy=True, group_size=shared_grad)
                 pg_loss, pg_stats = A.ppo_policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.clip)
                 loss = pg_loss
                 if value_head is not None:
@@ -182,8 +190,7 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                with torch.no_grad():
-                    entropy = A.masked_mean(A.entropy_from_logits(logits.detach()), mb_mask)
+                entropy = A.masked_mean(token_entropy, mb_mask)
                 optimizer.step()
                 for k, v in {**pg_stats, "pg_loss": pg_loss.detach(), "entropy": entropy, "grad_norm": grad_norm}.items():
                     stats.setdefault(k, []).append(scalar(v))
@@ -210,3 +217,10 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
         # 8. Engine sync, periodic evaluation + best policy, history, log, resumable checkpoint.
         run.end_step(step, metrics, postfix=dict(score=f"{metrics['reft/score']:.3f}", kl=f"{mean_kl:.3f}"))
     return run.finish(kl_coef=kl_coef)
+
+
+def shuffled_groups(rows: int, group: int) -> torch.Tensor:
+    """A random order of `rows` row indices that keeps each group of `group` consecutive rows
+    together and in order (group 1: a plain permutation)."""
+    order = torch.randperm(rows // group)
+    return (order[:, None] * group + torch.arange(group)).flatten()
