@@ -79,7 +79,8 @@ def table(path: str, runs: list[tuple[int, dict]]) -> tuple[list[str], dict]:
         lines.append(f"| {seed} | " + " | ".join(f"{acc[m][i]:.2f}" for m in methods)
                      + f" | {gaps[i]:+.2f} | {s['sft_best_epoch']} | {s['wall_seconds']:.0f} |")
     lines.append("| mean | " + " | ".join(f"{statistics.mean(acc[m]):.2f}" for m in methods)
-                 + f" | **{statistics.mean(gaps):+.2f}** ± {sem(gaps):.2f} (s.e.) | | "
+                 + f" | **{statistics.mean(gaps):+.2f}**"
+                 + (f" ± {sem(gaps):.2f} (s.e.)" if len(gaps) > 1 else " (one seed: no s.e.)") + " | | "
                  f"{statistics.mean(s['wall_seconds'] for _, s in runs):.0f} |")
     stages = sorted({k for _, s in runs for k in s["stage_seconds"]})
     lines += ["", "Wall seconds per stage (mean over seeds): " + ", ".join(
