@@ -121,8 +121,8 @@ def shared_prompt_forward(model, value_head, input_ids, attention_mask, response
     """`forward_logits_values` over rows that come in groups of `group_size` samples of one prompt (the
     rollout layout), running each prompt once: the prompt pass fills a KV cache, which is repeated
     for the group's rows, and the responses run on it. Same log-probs, values and gradients (to
-    float rounding) as the full pass; at 4 samples per question of the demo's task 1.6x faster
-    without gradients and 1.7x with them (bench/bench_prompt_sharing.py).
+    float rounding) as the full pass; at 4 samples per question of the demo's task about 1.5x
+    faster, with and without gradients (bench/bench_prompt_sharing.py).
 
     Shapes: input_ids, attention_mask (B, P+R) with B = G * group_size; response_ids (B, R);
     returns logits (B, R, V) and values (B, R) or None, as `forward_logits_values`. Two forward
