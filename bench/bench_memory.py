@@ -1,8 +1,9 @@
 """Peak memory and time of ReFT steps with each memory saver on its own, against a baseline
-measured in the same run: gradient checkpointing, chunked log-probs, LoRA, bf16 autocast (and
-checkpointing + chunking together, since the two shrink different transients).
+measured in the same run: gradient checkpointing, chunked log-probs, LoRA, QLoRA (the same
+adapters on an nf4 base), bf16 autocast (and checkpointing + chunking together, since the two
+shrink different transients).
 
-    .venv/bin/python bench/bench_memory.py [--sizes 23m] [--vocab 32000] [--steps 4] [--chunk 16]
+    .venv/bin/python bench/bench_memory.py [--sizes 23m] [--vocab 32000] [--steps 4] [--chunk 16] [--savers LoRA]
 
 Every configuration runs `run_reft` in a fresh process (peak RSS is per process) on an untrained
 Llama whose vocabulary is padded with unused tokens up to --vocab: real vocabularies are 32k-152k,
@@ -51,6 +52,7 @@ def savers(chunk: int) -> dict[str, dict]:
     """ReFTConfig overrides of each configuration, the baseline first."""
     return {"baseline": {}, "gradient checkpointing": {"gradient_checkpointing": True},
             f"logprob_chunk_size={chunk}": {"logprob_chunk_size": chunk}, "LoRA r=8 (attention)": LORA,
+            "QLoRA nf4, r=8 (attention)": {**LORA, "lora_quantize": "nf4"},
             "bf16 autocast": {"mixed_precision": "bf16"},
             "checkpointing + chunking": {"gradient_checkpointing": True, "logprob_chunk_size": chunk}}
 
@@ -100,8 +102,31 @@ def child(size: str, saver: str, args, workdir: str) -> dict:
     from safetensors.torch import load_file
 
     n_params = sum(t.numel() for t in load_file(str(model_dir / "model.safetensors")).values())
-    measure = measure_reference if saver == "reference" else measure_reft
-    return {"size": size, "saver": saver, "params": n_params, **measure(model_dir, data, task, saver, args, workdir)}
+    if saver == "reference":
+        return {"size": size, "saver": saver, "params": n_params, **measure_reference(model_dir, data, task, saver, args, workdir)}
+    weights = weight_mib(model_dir, savers(args.chunk)[saver])
+    return {"size": size, "saver": saver, "params": n_params, "weights_mib": weights,
+            **measure_reft(model_dir, data, task, saver, args, workdir)}
+
+
+def weight_mib(model_dir: Path, overrides: dict) -> float:
+    """MiB of the tensors the policy and its frozen reference hold, loaded as ReFT loads them
+    (LoRA: the reference is the same model; QLoRA: packed base weights). Counted from the tensors
+    themselves: on CPU the RSS also holds the safetensors file's pages, mapped copy-on-write, so it
+    does not show what quantization saves (on a GPU the weights are device memory)."""
+    import torch
+
+    from reftune.models import load_causal_lm
+    from reftune.trainers.lora import apply_lora
+    from reftune.trainers.reft import ReFTConfig
+
+    cfg = ReFTConfig(**overrides)
+    model = load_causal_lm(str(model_dir), torch.device("cpu"), torch.float32, quantize=cfg.lora_quantize)
+    if cfg.lora_r:
+        model = apply_lora(model, cfg)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
+    reference = 0 if cfg.lora_r else sum(storages.values())  # a second, frozen copy
+    return (sum(storages.values()) + reference) / 2**20
 
 
 def measure_reft(model_dir: Path, data, task, saver: str, args, workdir: str) -> dict:
@@ -109,7 +134,7 @@ def measure_reft(model_dir: Path, data, task, saver: str, args, workdir: str) ->
     from reftune.trainers import reft
     from reftune.trainers.loop import Callbacks
 
-    cfg = reft.ReFTConfig(model=str(model_dir), data=data, out_dir=str(Path(workdir) / re.sub(r"\W+", "-", saver)),
+    cfg = reft.ReFTConfig(model=str(model_dir), data=data, out_dir=str(Path(workdir) / re.sub(r"\W+", "-", f"{model_dir.name} {saver}")),
                           steps=args.steps, questions_per_step=args.questions, samples_per_prompt=1,
                           mini_batch_size=args.questions, ppo_epochs=1, lr=1e-4, max_new_tokens=args.new_tokens,
                           eval_every=0, eval_max_new_tokens=8, save_every=0, device="cpu", progress=False,
@@ -190,14 +215,14 @@ def print_table(rows: list[dict], args, skipped: list[str]) -> None:
     print(f"ReFT on CPU, 1 thread: {args.questions} questions x 1 sample, up to {args.new_tokens} new tokens, one "
           f"PPO mini-batch of all {args.questions} rows, vocabulary {args.vocab}; steps 2-{args.steps - 1} "
           f"of {args.steps} (peak, median CPU seconds)\n")
-    print("| model | saver | peak MiB | x baseline | step transient MiB | x baseline | CPU s / step | x baseline "
-          "| scoring + PPO CPU s | x baseline |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | saver | policy + reference weights MiB | peak MiB | x baseline | step transient MiB | x baseline "
+          "| CPU s / step | x baseline | scoring + PPO CPU s | x baseline |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         base = next(b for b in rows if b["size"] == r["size"] and b["saver"] == "baseline")
         cells = [f"{r[k]:.{digits}f} | {r[k] / base[k]:.2f}" for k, digits in
                  (("peak_mib", 0), ("transient_mib", 0), ("cpu_s", 2), ("train_cpu_s", 2))]
-        print(f"| {r['size']} ({r['params'] / 1e6:.0f} M) | {r['saver']} | " + " | ".join(cells) + " |")
+        print(f"| {r['size']} ({r['params'] / 1e6:.0f} M) | {r['saver']} | {r['weights_mib']:.0f} | " + " | ".join(cells) + " |")
     for saver in skipped:
         print(f"\n{saver}: not run, this CPU has no native bf16 (emulated bf16 is many times slower than fp32)")
 
@@ -220,6 +245,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=16, help="logprob_chunk_size of the chunking row")
     parser.add_argument("--questions", type=int, default=8, help="questions per step (one sample each)")
     parser.add_argument("--new-tokens", type=int, default=48, help="max_new_tokens")
+    parser.add_argument("--savers", nargs="+", default=[], help="run only the savers whose names contain one of "
+                        "these (the baseline always runs)")
     parser.add_argument("--child", nargs=3, metavar=("SIZE", "SAVER", "WORKDIR"))
     args = parser.parse_args()
     if args.steps < 3:
@@ -237,7 +264,8 @@ def main() -> None:
         for size in args.sizes:
             run_child(args, size, "build", workdir)  # in its own process: the builder's memory stays out
             for saver in savers(args.chunk):
-                if saver not in skipped:
+                wanted = saver == "baseline" or not args.savers or any(w in saver for w in args.savers)
+                if wanted and saver not in skipped:
                     rows.append(run_child(args, size, saver, workdir))
                     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         reference = run_child(args, args.sizes[0], "reference", workdir)

@@ -28,6 +28,7 @@ _API = {
     "build_offline_st_examples": "reftune.trainers.offline_st",
     "OnlineSTConfig": "reftune.trainers.online_st", "run_online_st": "reftune.trainers.online_st",
     "RewardModelConfig": "reftune.trainers.reward_model", "train_reward_model": "reftune.trainers.reward_model",
+    "RewardModelRunConfig": "reftune.trainers.reward_model", "run_reward_model": "reftune.trainers.reward_model",
     "score_candidates": "reftune.inference.rerank", "rerank_accuracy": "reftune.inference.rerank",
     "RewardSpec": "reftune.rewards", "grade_batch": "reftune.rewards", "ENGINES": "reftune.engines",
     "make_generator": "reftune.engines",

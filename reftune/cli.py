@@ -9,6 +9,7 @@
     reftune sample     model=CKPT split=test k=16 [key=value ...]     (rerun to resume)
     reftune offline-st base_model=BASE warmup_model=CKPT [key=value ...]   (rerun to resume)
     reftune online-st  model=CKPT [key=value ...] [--resume RUN_DIR]
+    reftune reward-model samples=FILE model=CKPT [key=value ...]
     reftune compare    sft=CKPT reft=CKPT [warmup=... offline_st=... online_st=...] k=16 [key=value ...]
 
 Every command also takes --overwrite: replace what an earlier run left in its folder (without it,
@@ -115,6 +116,13 @@ def cmd_online_st(args) -> dict:
     return {k: v for k, v in result.items() if k != "history"}
 
 
+def cmd_reward_model(args) -> dict:
+    from reftune.trainers.reward_model import RewardModelRunConfig, run_reward_model
+
+    result = run_reward_model(_config(RewardModelRunConfig, args), overwrite=args.overwrite)
+    return {k: v for k, v in result.items() if k != "history"}
+
+
 def cmd_compare(args) -> dict:
     from reftune.compare.compare import CompareConfig, run_compare
 
@@ -134,6 +142,7 @@ COMMANDS = {
     "sample": (cmd_sample, "k graded samples per question of a split, as resumable JSONL"),
     "offline-st": (cmd_offline_st, "Offline self-training: SFT from the base model on gold + own correct samples"),
     "online-st": (cmd_online_st, "Online self-training: ReFT's loop with a cross-entropy update"),
+    "reward-model": (cmd_reward_model, "train the reranking reward model on a samples file (also multi-process)"),
     "compare": (cmd_compare, "top-1, voting@k and reranking@k of each method, as Markdown + HTML report"),
 }
 

@@ -63,16 +63,51 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
-def load_causal_lm(name_or_path: str, device: torch.device, dtype: torch.dtype):
+QUANTIZE = ("no", "nf4", "fp4", "int8")
+"""Ways to load a frozen base quantized by bitsandbytes (QLoRA): no, 4-bit NormalFloat / float, 8-bit."""
+
+
+def quantization_config(quantize: str, dtype: torch.dtype):
+    """The bitsandbytes config for `quantize` (None for "no"). 4-bit as in the QLoRA paper: double
+    quantization of the scales, matmuls in the model's dtype (the adapters' gradients stay in it)."""
+    if quantize == "no":
+        return None
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ImportError(f"lora_quantize={quantize} needs the bitsandbytes package: pip install bitsandbytes "
+                          f"(or reftune[qlora])") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=dtype,
+                              bnb_4bit_use_double_quant=True)
+
+
+def load_causal_lm(name_or_path: str, device: torch.device, dtype: torch.dtype, quantize: str = "no"):
+    """The model on `device` in `dtype`; with `quantize` its linear layers (not the embeddings or the
+    LM head) hold bitsandbytes-quantized weights, placed on the device as they load."""
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
     _check_model_path(name_or_path)
+    quant = quantization_config(quantize, dtype)
     try:
+        if quant is not None:
+            return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, quantization_config=quant,
+                                                        device_map={"": device})
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load model from {name_or_path!r}: {e}") from None
     return model.to(device)
+
+
+def is_quantized(model) -> bool:
+    """Weights loaded through bitsandbytes (a QLoRA base)."""
+    return getattr(model, "hf_quantizer", None) is not None
 
 
 def cpu_has_native_bf16() -> bool:
@@ -121,6 +156,9 @@ def save_hf(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> 
     model's gathered weights)."""
     if state_dict is not None and hasattr(model, "get_base_model"):  # a peft model: save as the plain model
         model = model.get_base_model()
+    if state_dict is not None and is_quantized(model):
+        _save_dequantized(model, tokenizer, out_dir, state_dict)
+        return
     if state_dict is not None and getattr(model.config, "tie_word_embeddings", False):
         # A gathered state dict holds tied weights under both names; the saved folder keeps one, as
         # save_pretrained does for the model's own.
@@ -130,29 +168,62 @@ def save_hf(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> 
     tokenizer.save_pretrained(out_dir)
 
 
+def _save_dequantized(model, tokenizer, out_dir: Path, state_dict: dict) -> None:
+    """A quantized base's merged (dequantized) weights saved as a plain model: without the
+    quantization config, which would make every later load expect packed bitsandbytes weights."""
+    config, quantizer = model.config, model.hf_quantizer
+    quant = config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None
+    try:
+        save_hf(model, tokenizer, out_dir, state_dict)
+    finally:
+        model.hf_quantizer = quantizer
+        if quant is not None:
+            config.quantization_config = quant
+
+
 def is_peft(model) -> bool:
     """A peft (LoRA) wrapper around an HF model."""
     return hasattr(model, "get_base_model") and hasattr(model, "disable_adapter")
 
 
-@torch.no_grad()
-def merged_state_dict(model) -> dict[str, torch.Tensor]:
+def merged_state_dict(model, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """The base model's state dict with every adapter folded in (W + scale * B @ A), under the
-    plain HF parameter names, computed without changing `model`."""
+    plain HF parameter names, computed without changing `model` (each tensor moved to `device`
+    when given: "cpu" for saving). See `merged_weights` for a quantized base."""
+    return {name: t if device is None else t.to(device) for name, t in merged_weights(model)}
+
+
+def merged_weights(model):
+    """(name, tensor) pairs of `merged_state_dict`, one at a time: a quantized base's layers are
+    dequantized as they come (their packed data and quantization state stay out), so a QLoRA
+    weight sync never holds a second full-precision copy of the model at once."""
     from peft.tuners.lora import LoraLayer
+    from peft.utils.integrations import dequantize_bnb_weight
 
     base = model.get_base_model()
-    deltas = {}
+    adapted, quantized = {}, {}
     for name, module in base.named_modules():
         if isinstance(module, LoraLayer):
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A:
-                    delta = module.get_delta_weight(adapter)
-                    deltas[f"{name}.weight"] = deltas.get(f"{name}.weight", 0) + delta
-    out = {}
-    for key, value in base.state_dict().items():
-        if ".lora_" in key:
-            continue
-        clean = key.replace(".base_layer.", ".")
-        out[clean] = value + deltas[clean].to(value.dtype) if clean in deltas else value
-    return out
+            adapted[f"{name}.weight"] = module
+            continue  # (its `weight` is the base layer's, dequantized under the base layer's name)
+        if type(getattr(module, "weight", None)).__name__ in ("Params4bit", "Int8Params"):
+            quantized[name] = module
+    dtype = base.get_input_embeddings().weight.dtype
+    with torch.no_grad():
+        for key, value in base.state_dict().items():
+            if ".lora_" in key:
+                continue
+            owner, _, leaf = key.rpartition(".")
+            if owner in quantized and leaf == "weight":
+                module = quantized[owner]
+                value = dequantize_bnb_weight(module.weight, getattr(module, "state", None))
+                value = value.to(getattr(module, "compute_dtype", None) or dtype)
+            elif (owner in quantized and leaf != "bias") or key.partition(".weight.")[0] in quantized:
+                continue  # quantization state (absmax, quant_map, SCB, ...): folded into the weight
+            clean = key.replace(".base_layer.", ".")
+            if clean in adapted:
+                layer = adapted[clean]
+                for adapter in (a for a in layer.active_adapters if a in layer.lora_A):
+                    value = value + layer.get_delta_weight(adapter).to(value.dtype)
+            yield clean, value

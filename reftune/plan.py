@@ -9,6 +9,9 @@ weight (4 fp32, 2 bf16/fp16; `auto` = bf16 on a GPU), a bytes per activation (2 
 or bf16 autocast, else 4), W devices, s_x = W if the strategy shards x else 1:
 
     weights     N w / s_p        (+ LoRA adapters 4 N_t: PEFT keeps them in fp32)
+                QLoRA (lora_quantize): the N_lin weights of the decoder layers' linear modules at
+                q bytes (nf4/fp4 0.5 + 0.016 for double-quantized scales, int8 1), the rest (embeddings,
+                LM head, norms, biases) in fp32, as peft's prepare_model_for_kbit_training casts them
     grads       N_t g / s_g      g = w for full fine-tuning, 4 for LoRA adapters
     optimizer   2 N_t g / s_o    AdamW exp_avg + exp_avg_sq, in the trainable parameters' dtype
     ddp_buckets N_t g            DDP's gradient buckets (a second copy of the grads), W > 1 only
@@ -293,6 +296,17 @@ def _kind(cfg) -> str:
     raise PlanError(f"{type(cfg).__name__}: not a training config the planner knows")
 
 
+QUANTIZED_BYTES = {"nf4": 0.5 + 0.016, "fp4": 0.5 + 0.016, "int8": 1.0}
+"""Bytes per quantized weight: 4 bits plus double-quantized absmax (8 bits per 64, fp32 per 256 of
+those: 0.127 bits), or 8 bits (the fp32 per-row scales are negligible)."""
+
+
+def _quantized_weights(spec: ModelSpec, quantize: str) -> float:
+    """A QLoRA base in bytes: decoder linear weights quantized, everything else fp32."""
+    linear = spec.layers * sum(i * o for i, o in spec.module_shapes().values())
+    return linear * QUANTIZED_BYTES[quantize] + (spec.params - linear) * 4
+
+
 def _activations(spec: ModelSpec, b: int, s: int, a: int, checkpointing: bool) -> int:
     layer = b * s * (6 * spec.hidden + 2 * spec.kv_dim + (4 if spec.gated_mlp else 2) * spec.intermediate) * a
     return b * s * spec.hidden * a * spec.layers + layer if checkpointing else spec.layers * layer
@@ -321,7 +335,12 @@ def plan_run(cfg, world_size: int, gpu_memory_gib: float | None = None, model_sp
             inner.model, inner.data = cfg.base_model, cfg.data
         else:
             inner.model = cfg.rm.model or cfg.sft or cfg.warmup  # what compare initialises it from
+        if kind == "compare" and world_size > 1:  # (`reftune reward-model` trains it on several)
+            world_size = 1
         plan = plan_run(inner, world_size, gpu_memory_gib, model_spec, strategy=strategy, gpu=gpu, assumptions=assumptions)
+        if kind == "compare" and plan.world_size == 1:
+            plan.notes.append("compare runs in one process (its reward model too): planned on one device; "
+                              "`reftune reward-model` trains the reward model on several")
         plan.kind = kind
         _sampling_time(plan, cfg, kind, resolve_model_spec(inner.model, model_spec), gpu, assumptions)
         return plan
@@ -331,13 +350,11 @@ def plan_run(cfg, world_size: int, gpu_memory_gib: float | None = None, model_sp
     if strategy not in STRATEGIES:
         raise PlanError(f"strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
     W, notes = world_size, []
-    if kind == "reward_model" and W > 1:
-        notes.append("the reward model trains in one process (reftune compare): planned on one device")
-        W = 1
     st = STRATEGIES[strategy if W > 1 else "ddp"]
     w = 4 if getattr(cfg, "dtype", "auto") in ("float32", "fp32") else 2
     a = 2 if w == 2 or getattr(cfg, "mixed_precision", "no") in ("bf16", "auto") else 4
     lora_r = getattr(cfg, "lora_r", 0) or 0
+    quantize = getattr(cfg, "lora_quantize", "no") if lora_r else "no"
     checkpointing = bool(getattr(cfg, "gradient_checkpointing", False))
     chunk = getattr(cfg, "logprob_chunk_size", 0) or 0
     engine = getattr(cfg, "engine", "cached")
@@ -374,27 +391,28 @@ def plan_run(cfg, world_size: int, gpu_memory_gib: float | None = None, model_sp
         per_device = {"rollout_rows": rows // W, "mini_batch": mb, "gen_batch": gen_rows}
         grad_accum, global_batch, opt_steps = 1, cfg.mini_batch_size, math.ceil(rows / cfg.mini_batch_size) * epochs
     else:  # sft: each micro-batch of batch_size rows is split over the ranks (sft.share_rows)
-        grad_accum = getattr(cfg, "grad_accum", 1)  # the reward model: one process, no accumulation
+        grad_accum = getattr(cfg, "grad_accum", 1)  # the reward model: no accumulation
         b_train, S, R = math.ceil(cfg.batch_size / W), cfg.max_length, cfg.max_length
         S_gen = prompt + getattr(cfg, "eval_max_new_tokens", 0)
         if cfg.batch_size % W:
             notes.append(f"batch_size={cfg.batch_size} does not split evenly over {W} devices: some ranks run "
                          f"fewer rows (or a zero-weight stand-in)")
         global_batch = cfg.batch_size * grad_accum
-        opt_steps = math.ceil(train_size(cfg.data) / global_batch) if hasattr(cfg, "data") else 0
+        opt_steps = math.ceil(_train_rows(cfg, kind, assumptions) / global_batch)
         per_device = {"micro_batch": b_train}
         if kind == "sft" and cfg.eval_split != "none":
             gen_rows = per_device["gen_batch"] = cfg.eval_batch_size
 
     # Memory per device (bytes).
     mem = {
-        "weights": N * w / (W if st.shards_params else 1) + (4 * N_t if lora_r else 0),
+        "weights": (N * w / (W if st.shards_params else 1) if quantize == "no" else _quantized_weights(spec, quantize))
+                   + (4 * N_t if lora_r else 0),
         "grads": N_t * g / (W if st.shards_grads else 1),
         "optimizer": 2 * N_t * g / (W if st.shards_optimizer else 1),
         "ddp_buckets": N_t * g if strategy == "ddp" and W > 1 else 0,
         "value_head": 4 * (spec.hidden + 1) * w if kind == "reft" and getattr(cfg, "advantage", "gae") == "gae" else 0,
         "reference": N * w if kind == "reft" and not lora_r else 0,
-        "replica": N * w if strategy == "fsdp2" and W > 1 and kind != "reward_model" else 0,
+        "replica": N * w if strategy == "fsdp2" and W > 1 and kind != "reward_model" else 0,  # (no rollouts)
         "gathered": 2 * spec.layer_params * w if st.shards_params and W > 1 else 0,
         "engine": 0,
     }
@@ -447,6 +465,16 @@ def _decode_s(spec: ModelSpec, gpu: GPU, rows: int, batch: int, engine: str, max
     return math.ceil(rows / b) * max_new * step(b)
 
 
+def _train_rows(cfg, kind: str, A: Assumptions) -> int:
+    """Rows of one supervised epoch: the training questions (SFT), or for a reward model their
+    distinct samples (an assumption per question, capped by max_examples); 0 when unknown."""
+    rows = train_size(cfg.data) if hasattr(cfg, "data") else 0
+    if kind == "reward_model":
+        rows = round(rows * A.rm_distinct_per_question)
+        rows = min(rows, cfg.max_examples) if cfg.max_examples else rows
+    return rows
+
+
 def _train_time(plan: RunPlan, cfg, kind: str, spec: ModelSpec, gpu: GPU, engine: str, checkpointing: bool,
                 A: Assumptions) -> None:
     W, N = plan.world_size, spec.params
@@ -466,7 +494,7 @@ def _train_time(plan: RunPlan, cfg, kind: str, spec: ModelSpec, gpu: GPU, engine
             "overhead": cfg.steps * A.iteration_overhead_s / 3600,
             "eval": n_evals * _decode_s(spec, gpu, val, cfg.gen_batch_size, engine, cfg.eval_max_new_tokens, A) / 3600}
     else:
-        n = train_size(cfg.data) if hasattr(cfg, "data") else 0
+        n = _train_rows(cfg, kind, A)
         if not n:
             return
         seq = min(A.mean_prompt_tokens + A.mean_response_tokens, cfg.max_length)

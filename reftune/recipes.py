@@ -22,6 +22,7 @@ from reftune.plan import (GPUS, PlanError, RunPlan, STRATEGIES, plan_run)
 COMMANDS = {  # reftune command -> its config class (imported when a recipe is loaded)
     "sft": "reftune.trainers.sft:SFTConfig", "train": "reftune.trainers.reft:ReFTConfig",
     "online-st": "reftune.trainers.online_st:OnlineSTConfig", "offline-st": "reftune.trainers.offline_st:OfflineSTConfig",
+    "reward-model": "reftune.trainers.reward_model:RewardModelRunConfig",
     "compare": "reftune.compare.compare:CompareConfig",
 }
 _HEADER = re.compile(r"^#\s*(recipe|command|launch|hardware|arch|strategy|reported|peer|variant|pending):\s*(.*)$")

@@ -355,7 +355,8 @@ def held_outputs(run_dir: Path) -> list[str]:
     return found
 
 
-def prepare_training_folder(folder: RunFolder, *, resume: bool, overwrite: bool, command: str) -> str:
+def prepare_training_folder(folder: RunFolder, *, resume: bool, overwrite: bool, command: str,
+                            resumable: bool = True) -> str:
     """Decide what to do with what an earlier run left in a trainer's folder. Returns the mode:
     "fresh", "resume" (a step/epoch checkpoint to continue from) or "restart" (resume asked, the
     run has a config but no resumable checkpoint yet: it starts again from step 0).
@@ -380,8 +381,9 @@ def prepare_training_folder(folder: RunFolder, *, resume: bool, overwrite: bool,
     if held:
         raise FileExistsError(
             f"{run_dir} already holds checkpoints or results of an earlier run ({', '.join(held[:3])}"
-            f"{', ...' if len(held) > 3 else ''}): continue it with `reftune {command} --resume {run_dir}`, "
-            f"choose another out_dir, or pass --overwrite to replace it")
+            f"{', ...' if len(held) > 3 else ''}): "
+            + (f"continue it with `reftune {command} --resume {run_dir}`, " if resumable else "")
+            + "choose another out_dir, or pass --overwrite to replace it")
     stale = [n for n in ("metrics.jsonl", "tb") if (run_dir / n).exists()]
     if stale:
         for n in stale:

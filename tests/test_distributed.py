@@ -125,3 +125,82 @@ def test_two_process_reft_killed_mid_step_resumes_exactly(warmup_model, tmp_path
     wa, wb = weights(a / "checkpoints" / "step-000004" / "policy"), weights(b / "checkpoints" / "step-000004" / "policy")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not list(b.rglob(".tmp-*")) and not list(b.rglob(".old-*"))
+
+
+@pytest.fixture(scope="module")
+def rm_samples(small_task, tmp_path_factory) -> Path:
+    """A samples file over the training split as `reftune sample` writes it: per question the gold CoT
+    (correct) and the same CoT with a wrong last number (wrong), so the classifier has both kinds."""
+    path = tmp_path_factory.mktemp("rm") / "train_samples.jsonl"
+    lines = []
+    for i, ex in enumerate(small_task.train[:21]):  # 41 rows (the last question: gold only)
+        gold = small_task.target(ex)
+        wrong = [] if i == 20 else [{"completion": gold + " + 1", "answer": None, "correct": False}]
+        lines.append(json.dumps({"id": ex.id, "question": ex.question, "gold": ex.answer, "samples": [
+            {"completion": gold, "answer": ex.answer, "correct": True}, *wrong]}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_reward_model_two_processes_train_like_one(parallel, rm_samples, warmup_model, tmp_path):
+    """`reftune reward-model` under torchrun: 2 processes with half of each batch train as 1 process
+    does. 41 rows in batches of 8 end with a batch of 1: rank 1 then runs a zero-weight stand-in."""
+    common = [f"samples={rm_samples}", f"model={warmup_model}", "epochs=2", "batch_size=8", "lr=1e-3",
+              "balance_classes=true", "device=cpu", "progress=false", *small_overrides()]
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch(["reward-model", f"out_dir={one}", *common], 1)
+    launch(["reward-model", f"out_dir={two}", f"parallel={parallel}", *common], 2)
+    ha = json.loads((one / "result.json").read_text())["history"]
+    hb = json.loads((two / "result.json").read_text())["history"]
+    for x, y in zip(ha, hb, strict=True):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-4) and x["train_accuracy"] == y["train_accuracy"]
+    wa, wb = weights(one / "checkpoints" / "final"), weights(two / "checkpoints" / "final")
+    start = weights(Path(warmup_model))
+    assert "score.weight" in wa and not torch.equal(wa["model.norm.weight"], start["model.norm.weight"])  # it trained
+    assert_weights_close(wa, wb)
+
+
+def killed_after_epoch(args: list[str], nproc: int, run: Path, epoch: int) -> None:
+    """Start `reftune sft` (under torchrun when nproc > 1) and SIGKILL all of its processes once
+    the resume state of `epoch` is written."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = ([TORCHRUN, "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]) + \
+        ["-m", "reftune.cli", *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            if json.loads((run / "latest.json").read_text())["epoch"] >= epoch:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize("parallel, extra", [("fsdp2", []), ("ddp", ["lora_r=4", "lora_quantize=nf4"])],
+                         ids=["fsdp2", "ddp-qlora"])
+def test_two_process_sft_killed_after_an_epoch_resumes_exactly(parallel, extra, tiny_model, tmp_path):
+    """2-process SFT (fsdp2: sharded AdamW state; ddp + QLoRA: the adapter in the resume state)
+    SIGKILLed after epoch 1 of 3: `--resume` reproduces the straight run's metrics and weights."""
+    if extra:
+        pytest.importorskip("bitsandbytes")
+    common = ["epochs=3", "save_epochs=[3]", f"parallel={parallel}", *extra, *SFT[1:], *small_overrides()]
+    a, b = tmp_path / "A", tmp_path / "B"
+    launch(["sft", f"model={tiny_model}", f"out_dir={a}", *common], 2)
+    killed_after_epoch(["sft", f"model={tiny_model}", f"out_dir={b}", *common], 2, b, 1)
+    assert not (b / "result.json").exists()
+    saved_step = json.loads((b / "latest.json").read_text())["step"]
+    kept = [r for r in records(b) if r["step"] <= saved_step]
+    launch(["sft", "--resume", str(b)], 2)
+    assert records(b)[:len(kept)] == kept  # (timestamps included): it continued, it did not start again
+    untimed = lambda rs: [{k: v for k, v in r.items() if k not in ("time", "epoch/elapsed")} for r in rs]  # noqa: E731
+    assert untimed(records(a)) == untimed(records(b))
+    wa, wb = weights(a / "checkpoints" / "epoch-3"), weights(b / "checkpoints" / "epoch-3")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -3,6 +3,8 @@ reward-model reranking (the classifier learns, the rerank pick rule)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -109,3 +111,25 @@ def test_reward_model_learns_a_separable_toy_set(tiny_model, tmp_path, small_tas
     assert result["n"] == 48 and result["positive_fraction"] == 0.5 and len(result["history"]) == 12
     # scoring is batch-independent
     assert torch.allclose(after, score_candidates(trained, tok, prompts, completions, batch_size=64), atol=1e-5)
+
+
+def test_reward_model_command_refuses_missing_or_one_sided_samples(tiny_model, small_task, tmp_path):
+    from reftune.trainers.reward_model import RewardModelRunConfig, run_reward_model
+
+    from conftest import small_data
+
+    cfg = RewardModelRunConfig(model=tiny_model, data=small_data(), out_dir=str(tmp_path / "rm"), device="cpu",
+                               progress=False)
+    with pytest.raises(ValueError, match="samples.*required"):
+        run_reward_model(cfg)
+    cfg.samples = str(tmp_path / "missing.jsonl")
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        run_reward_model(cfg)
+    ex = small_task.train[0]
+    path = tmp_path / "all_correct.jsonl"
+    path.write_text(json.dumps({"id": ex.id, "question": ex.question, "gold": ex.answer,
+                                "samples": [{"completion": "x", "answer": ex.answer, "correct": True}]}) + "\n")
+    cfg.samples = str(path)
+    with pytest.raises(ValueError, match="every sample is correct"):
+        run_reward_model(cfg)
+    assert not (tmp_path / "rm").exists()  # refused before any folder was written

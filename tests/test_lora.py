@@ -52,10 +52,14 @@ def test_lora_reft_trains_adapters_only_with_the_base_as_reference(warmup_model,
     assert result["history"][0]["reft/kl"] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_lora_resume_is_exact(warmup_model, small_task, tmp_path):
-    straight = run_reft(config(warmup_model, tmp_path / "A", steps=4), task=small_task)
-    run_reft(config(warmup_model, tmp_path / "B", steps=2), task=small_task)
-    resumed = run_reft(config(warmup_model, tmp_path / "B", steps=4), resume=True, task=small_task)
+@pytest.mark.parametrize("quantize", ["no", "nf4"])
+def test_lora_resume_is_exact(quantize, warmup_model, small_task, tmp_path):
+    if quantize != "no":
+        pytest.importorskip("bitsandbytes")  # QLoRA: the base is quantized again from the same weights
+    straight = run_reft(config(warmup_model, tmp_path / "A", steps=4, lora_quantize=quantize), task=small_task)
+    run_reft(config(warmup_model, tmp_path / "B", steps=2, lora_quantize=quantize), task=small_task)
+    resumed = run_reft(config(warmup_model, tmp_path / "B", steps=4, lora_quantize=quantize), resume=True,
+                       task=small_task)
     drop = lambda h: [{k: v for k, v in r.items() if "seconds" not in k} for r in h]  # noqa: E731
     assert drop(resumed["history"]) == drop(straight["history"])
     a = load_file(f"{straight['last_checkpoint']}/model.safetensors")

@@ -47,6 +47,23 @@ def test_same_logits_and_values(grouped):
     assert (s_values - values).abs()[mask].max() < 1e-5
 
 
+def test_a_mini_batch_cut_to_its_longest_response_computes_the_same(grouped):
+    """ReFT cuts each mini-batch to its longest response: columns of padding after every row's
+    response change neither the log-probs nor the values of the kept positions (so no masked
+    loss). Here the rollout gets 7 such columns and is compared with itself without them."""
+    model, head, ro = grouped
+    model.eval()
+    P, extra = ro.prompt_ids.shape[1], 7
+    pad = lambda t, v: torch.cat([t, t.new_full((t.shape[0], extra), v)], 1)  # noqa: E731
+    with torch.no_grad():
+        cut = policy_forward(model, head, ro.input_ids, ro.attention_mask, ro.response_ids, P, group_size=3)
+        wide = policy_forward(model, head, pad(ro.input_ids, 0), pad(ro.attention_mask, 0), pad(ro.response_ids, 0),
+                              P, group_size=3)
+    mask, R = ro.response_mask.bool(), ro.response_ids.shape[1]
+    for a, b in zip(wide[:2], cut[:2]):
+        assert a.shape[1] == R + extra and (a[:, :R] - b).abs()[mask].max() < 1e-5
+
+
 def test_same_gradients(grouped):
     model, head, ro = grouped
     model.train()

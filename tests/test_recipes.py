@@ -323,6 +323,25 @@ def test_memory_by_hand_qwen05b_sft():
     assert plan.memory_gib["optimizer"] * GIB == 4_325_376
 
 
+def test_memory_by_hand_qlora_base():
+    """Qwen2.5-0.5B, LoRA r=8 on q_proj/v_proj, base quantized (lora_quantize).
+
+    Decoder linear weights per layer: q, o 896 x 896 = 802,816; k, v 896 x 128 = 114,688;
+      gate, up, down 896 x 4864 = 4,358,144: 14,909,440, x 24 layers = 357,826,560.
+    The rest (embedding, norms, q/k/v biases) N - 357,826,560 = 136,206,208, in fp32 (peft casts it).
+    nf4: 357,826,560 x 0.516 + 136,206,208 x 4 + 4 x 540,672 (fp32 adapters)
+       = 184,638,504.96 + 544,824,832 + 2,162,688 = 731,626,024.96 B
+    int8: 357,826,560 + 544,824,832 + 2,162,688 = 904,814,080 B; no reference copy in either.
+    """
+    cfg = ReFTConfig(model="Qwen/Qwen2.5-0.5B", questions_per_step=32, mini_batch_size=8, dtype="bfloat16",
+                     lora_r=8, lora_target_modules=["q_proj", "v_proj"], lora_quantize="nf4")
+    plan = P.plan_run(cfg, 1, model_spec=QWEN05)
+    assert plan.memory_gib["weights"] * GIB == pytest.approx(731_626_024.96) and plan.memory_gib["reference"] == 0
+    int8 = P.plan_run(dataclasses.replace(cfg, lora_quantize="int8"), 1, model_spec=QWEN05)
+    assert int8.memory_gib["weights"] * GIB == pytest.approx(904_814_080)
+    assert int8.memory_gib["grads"] == plan.memory_gib["grads"]  # the adapters train the same way
+
+
 def test_reference_copy_and_sharding_rules():
     """ReFT: a full reference without LoRA, none with it; fsdp2 shards weights, grads and AdamW states
     by W and adds the unsharded rollout replica; ddp adds its gradient buckets."""

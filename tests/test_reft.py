@@ -11,6 +11,7 @@ is exercised. One test runs the real grader.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -212,6 +213,20 @@ def test_resume_after_a_kill_between_checkpoints(straight_run, warmup_model, par
     assert json.loads((b_dir / "latest.json").read_text())["step"] == 2
     b = run_reft(reft_config(warmup_model, b_dir, steps=4, **RESUME), resume=True, task=parity_task)
     assert_same_run(a_dir, a, b_dir, b)
+
+
+def test_critic_warmup_trains_the_value_head_only_then_ppo(warmup_model, parity_task, tmp_path):
+    """critic_warmup_steps=2 of 3: after 2 steps the policy is the warm-up model bit for bit and the
+    value head has moved; the third step updates the policy."""
+    run = tmp_path / "run"
+    cfg = reft_config(warmup_model, run, critic_warmup_steps=2, steps=2, score_none=0.5)
+    run_reft(cfg, task=parity_task)
+    start = weights(warmup_model)
+    assert_same_weights(start, weights(run / "checkpoints" / "step-000002" / "policy"))
+    assert torch.load(run / "checkpoints" / "step-000002" / "value_head.pt")["linear.weight"].abs().sum() > 0
+    run_reft(dataclasses.replace(cfg, steps=3), resume=True, task=parity_task)
+    after = weights(run / "checkpoints" / "step-000003" / "policy")
+    assert any(not torch.equal(start[k], after[k]) for k in start)
 
 
 def test_resume_without_checkpoint_is_an_error(warmup_model, parity_task, tmp_path):

@@ -249,6 +249,34 @@ def test_lora_policy_syncs_its_merged_weights(engine, prompts):
 
 
 @needs_vllm
+def test_qlora_policy_syncs_its_dequantized_merged_weights(engine, vllm_warmup, prompts):
+    """A QLoRA policy (nf4 base + adapter): vLLM receives the base dequantized with the adapter
+    folded in, one tensor at a time, and decodes what the quantized policy decodes."""
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    from reftune.models import load_causal_lm
+    from reftune.trainers.lora import apply_lora
+    from reftune.trainers.reft import ReFTConfig
+
+    policy, gen = engine
+    qlora = apply_lora(load_causal_lm(vllm_warmup, torch.device("cpu"), torch.float32, quantize="nf4"),
+                       ReFTConfig(lora_r=4, lora_target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in qlora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    qlora.eval()
+    try:
+        gen.model = qlora
+        gen.sync_weights()
+        ours = tokens(gen.generate(prompts, greedy=True, max_new_tokens=48))
+        assert ours == tokens(HFGenerator(qlora, gen.tokenizer).generate(prompts, greedy=True, max_new_tokens=48))
+    finally:
+        gen.model = policy
+        gen.sync_weights()
+
+
+@needs_vllm
 def test_newer_engine_closes_the_previous_one(engine, vllm_warmup, prompts):
     """vLLM keeps one engine per process: building a second VLLMGenerator closes the first (which
     then says so when used), and the second one generates, also after the first is collected."""

@@ -205,26 +205,23 @@ class VLLMGenerator:
                                "newer VLLMGenerator closes the previous one): build a new one to generate")
         return llm
 
-    def _policy_weights(self) -> list[tuple[str, torch.Tensor]]:
+    def _policy_weights(self):
         """(name, tensor) pairs of the HF policy's state dict in checkpoint format, each tied tensor
         once under its first name: a tied `lm_head.weight` is left out, as vLLM ties `lm_head` to
         `embed_tokens` itself and its loaders skip `lm_head.*` (or have no such parameter)."""
+        from reftune.models import merged_weights
+
         model = self.model
         if hasattr(model, "get_base_model"):  # a LoRA (peft) policy: vLLM gets the merged weights
             model = model.get_base_model()
             first = {name.replace(".base_layer.", ".") for name, _ in model.named_parameters() if ".lora_" not in name}
             tied = {name.replace(".base_layer.", ".") for name, _ in model.named_parameters(remove_duplicate=False)
                     if ".lora_" not in name} - first
-            return [(name, t) for name, t in self._merged(self.model).items() if name not in tied]
+            # One merged (and, for QLoRA, dequantized) tensor at a time: no second copy of the model.
+            return ((name, t) for name, t in merged_weights(self.model) if name not in tied)
         first = {name for name, _ in model.named_parameters()}  # torch drops later names of a shared tensor
         tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - first
-        return [(name, t.detach()) for name, t in model.state_dict(keep_vars=True).items() if name not in tied]
-
-    @staticmethod
-    def _merged(model) -> dict[str, torch.Tensor]:
-        from reftune.models import merged_state_dict
-
-        return merged_state_dict(model)
+        return ((name, t.detach()) for name, t in model.state_dict(keep_vars=True).items() if name not in tied)
 
     @torch.no_grad()
     def sync_weights(self) -> None:
@@ -237,7 +234,7 @@ class VLLMGenerator:
         reload_log.setLevel(logging.ERROR)
         llm = self._engine()
         try:
-            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(self._policy_weights()),
+            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self._policy_weights(),
                                                               "is_checkpoint_format": True})
         finally:
             reload_log.setLevel(level)

@@ -13,6 +13,7 @@ import torch
 
 from reftune.models import save_hf
 from reftune.runs import atomic_save, note, write_json
+from reftune.trainers.distributed import Dist, load_optimizer_state
 
 # ---------------------------------------------------------------------------------------------
 
@@ -114,15 +115,18 @@ def _link_tree(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-def save_sft_state(run_dir: Path, model, tokenizer, *, epoch: int, step: int, optimizer, scheduler, order_rng,
-                   generator, history: list, checkpoints: dict, best_epoch, best_acc: float) -> Path:
+def save_sft_state(run_dir: Path, model, tokenizer, *, epoch: int, step: int, optimizer_state: dict, scheduler,
+                   order_rng, rngs: list[dict], history: list, checkpoints: dict, best_epoch, best_acc: float,
+                   policy_state: dict | None = None, adapter: dict | None = None) -> Path:
     """After every SFT epoch: everything the next epoch depends on (weights, AdamW and LR-schedule
-    state, the data-order RNG, torch/python RNG, history, best epoch), written atomically, then
-    `latest.json`. A kill at any moment leaves the previous epoch's complete state. The weights are
-    hard links to this epoch's checkpoint when it is kept."""
-    state = {"epoch": epoch, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "order_rng": order_rng.getstate(), "rng": rng_state(generator), "history": history,
-             "checkpoints": dict(checkpoints), "best_epoch": best_epoch, "best_acc": best_acc}
+    state, the data-order RNG, each rank's torch/python RNG, history, best epoch; a LoRA run's
+    adapter), written atomically, then `latest.json`. A kill at any moment leaves the previous
+    epoch's complete state. The weights are hard links to this epoch's checkpoint when it is kept;
+    `policy_state` replaces the model's own (gathered fsdp2 shards, merged LoRA weights)."""
+    state = {"epoch": epoch, "step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+             "order_rng": order_rng.getstate(), "rng": rngs[0], "history": history,
+             "checkpoints": dict(checkpoints), "best_epoch": best_epoch, "best_acc": best_acc,
+             **({"rng_per_rank": rngs} if len(rngs) > 1 else {}), **({"adapter": adapter} if adapter else {})}
 
     kept = Path(checkpoints[epoch]) if epoch in checkpoints else None
 
@@ -130,7 +134,7 @@ def save_sft_state(run_dir: Path, model, tokenizer, *, epoch: int, step: int, op
         if kept is not None and kept.is_dir():
             _link_tree(kept, d / "policy")
         else:
-            save_hf(model, tokenizer, d / "policy")
+            save_hf(model, tokenizer, d / "policy", policy_state)
         torch.save(state, d / "trainer_state.pt")
 
     path = atomic_save(write, run_dir / SFT_STATE_DIR)
@@ -138,15 +142,20 @@ def save_sft_state(run_dir: Path, model, tokenizer, *, epoch: int, step: int, op
     return path
 
 
-def restore_sft_state(state: dict, optimizer, scheduler, order_rng, generator):
-    """Load a `save_sft_state` state into the fresh optimizer, scheduler and RNGs; returns
-    (first epoch to run, step, best_epoch, best_acc, checkpoints, history)."""
+def restore_sft_state(state: dict, model, optimizer, scheduler, order_rng, generator, dist: Dist):
+    """Load a `save_sft_state` state into the fresh optimizer (sharded again under fsdp2),
+    scheduler and this rank's RNGs; returns (first epoch to run, step, best_epoch, best_acc,
+    checkpoints, history)."""
     if "order_rng" not in state:
         raise FileNotFoundError("the resume state is not an SFT run's (no data-order state): is this an RL run folder?")
-    optimizer.load_state_dict(state["optimizer"])
+    rngs = state.get("rng_per_rank", [state["rng"]])
+    if len(rngs) != dist.world_size:
+        raise ValueError(f"the SFT run was written by {len(rngs)} process(es), this one has {dist.world_size}: "
+                         f"resume with the same number of processes")
+    load_optimizer_state(model, optimizer, state["optimizer"], dist)
     scheduler.load_state_dict(state["scheduler"])
     order_rng.setstate(state["order_rng"])
-    set_rng_state(state["rng"], generator)
+    set_rng_state(rngs[dist.rank], generator)
     checkpoints = {int(k): v for k, v in state["checkpoints"].items()}
     return (state["epoch"] + 1, state["step"], state["best_epoch"], state["best_acc"], checkpoints,
             list(state["history"]))

@@ -68,6 +68,8 @@ class RunConfig:
     """Dropout on the LoRA branch's input."""
     lora_target_modules: list[str] = field(default_factory=list)
     """Module names that get adapters (empty: peft's default for the architecture, e.g. q_proj, v_proj)."""
+    lora_quantize: str = "no"
+    """QLoRA: load the frozen base's linear layers quantized by bitsandbytes: no | nf4 | fp4 | int8 (needs lora_r > 0)."""
     tensorboard: bool = True
     """Also write TensorBoard events."""
     progress: bool = True
@@ -76,12 +78,16 @@ class RunConfig:
     def validate(self, prefix: str = "") -> None:
         """Refuse a bad config before any model is loaded or any folder written: every field's type
         and range, one message naming the key, the value and what is allowed."""
+        from reftune.models import QUANTIZE
         from reftune.validate import MIXED_PRECISION, Checks
 
         c = Checks(self, prefix)
         c.str("model").out_dir().int("seed", 0, 2**32 - 1).device().dtype()
         c.choice("mixed_precision", MIXED_PRECISION).choice("parallel", PARALLEL_MODES).bool("tensorboard", "progress")
         c.bool("gradient_checkpointing").int("lora_r", 0).float("lora_alpha", 0.0, lo_open=True).float("lora_dropout", 0.0, 1.0, hi_open=True)
+        c.choice("lora_quantize", QUANTIZE)
+        if self.lora_quantize != "no" and not self.lora_r:
+            c.fail("lora_quantize", "quantizes the frozen base of a LoRA run: set lora_r > 0 too (e.g. lora_r=16)")
         if self.lora_r and self.parallel == "fsdp2":
             c.fail("lora_r", "with parallel=fsdp2 is not supported yet: use parallel=ddp (LoRA's trainable "
                              "state is small, sharding it buys little)")
@@ -189,6 +195,27 @@ class NullLogger:
         pass
 
 
+def claim_folder(out_dir: str, dist: Dist, *, resume: bool, overwrite: bool, command: str,
+                 resumable: bool = True) -> tuple[RunFolder | None, str]:
+    """Rank 0 claims the run folder (a lock) and decides how to start (runs.prepare_training_folder:
+    fresh, resume or refuse); the other ranks wait for its verdict, and an error is raised on every
+    rank. Returns (the folder, or None on other ranks; the mode)."""
+    folder, mode, failure = None, None, None
+    if dist.is_main:
+        try:
+            folder = claim_run(out_dir, f"reftune {command}")
+            mode = prepare_training_folder(folder, resume=resume, overwrite=overwrite, command=command,
+                                           resumable=resumable)
+        except BaseException as e:  # noqa: BLE001  (re-raised below, on every rank)
+            failure = e
+            if folder is not None:
+                folder.release()
+    failure, mode = dist.broadcast((failure, mode))
+    if failure is not None:
+        raise failure
+    return folder, mode
+
+
 def open_run(cfg: RunConfig, *, resume: bool = False, task: Task | None = None, engine: str = "cached",
              gen_batch_size: int = 64, sampler_seed: int | None = None,
              check_task: Callable[[Task], None] | None = None, overwrite: bool = False,
@@ -206,19 +233,7 @@ def open_run(cfg: RunConfig, *, resume: bool = False, task: Task | None = None, 
     if check_task is not None:
         check_task(task)
     check_model_source(cfg.model)
-    # Only rank 0 claims and prepares the folder (it alone writes); the other ranks wait for its verdict.
-    folder, mode, failure = None, None, None
-    if dist.is_main:
-        try:
-            folder = claim_run(cfg.out_dir, f"reftune {command}")
-            mode = prepare_training_folder(folder, resume=resume, overwrite=overwrite, command=command)
-        except BaseException as e:  # noqa: BLE001  (re-raised below, on every rank)
-            failure = e
-            if folder is not None:
-                folder.release()
-    failure, mode = dist.broadcast((failure, mode))
-    if failure is not None:
-        raise failure
+    folder, mode = claim_folder(cfg.out_dir, dist, resume=resume, overwrite=overwrite, command=command)
     try:
         latest = load_latest(Path(cfg.out_dir)) if mode == "resume" else None
         # With LoRA a resume starts from the base again and loads the adapter from the trainer state.
@@ -237,7 +252,7 @@ def open_run(cfg: RunConfig, *, resume: bool = False, task: Task | None = None, 
     dist.barrier()  # the folder is ready before any rank reads from it
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    model = load_causal_lm(policy_path, device, dtype)
+    model = load_causal_lm(policy_path, device, dtype, quantize=cfg.lora_quantize)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora_enabled(cfg):
@@ -356,7 +371,7 @@ class OnlineRun:
         """Whole state dicts of the policy and the value head for saving (collectives under fsdp2),
         or (None, None) when the modules themselves can be saved."""
         if is_peft(self.model):
-            return merged_state_dict(self.model), None
+            return merged_state_dict(self.model, device="cpu"), None
         if not self.dist.sharded:
             return None, None
         value_state = full_state_dict(self.value_head, self.dist) if self.value_head is not None else None

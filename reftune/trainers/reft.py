@@ -58,6 +58,8 @@ class ReFTConfig(OnlineConfig):
     """Weight of the value loss (the release: 5)."""
     value_dropout: float = 0.1
     """Dropout before the value head's linear layer."""
+    critic_warmup_steps: int = 0
+    """First iterations that train only the value head (on detached hidden states; the policy stays put), so PPO starts with a fitted critic instead of V=0."""
     kl_coef: float | None = None
     """KL weight; None: 0.05 for nl, 0.01 for program CoTs (the release)."""
     kl_estimator: str = "k1"
@@ -88,7 +90,7 @@ class ReFTConfig(OnlineConfig):
         c = Checks(self, prefix)
         c.str("ref_model").int("ppo_epochs", 1).float("gamma", 0.0, 1.0).float("lam", 0.0, 1.0)
         c.float("clip", 0.0, lo_open=True).float("vf_clip", 0.0, lo_open=True).float("vf_coef", 0.0)
-        c.float("value_dropout", 0.0, 1.0, hi_open=True).choice("kl_estimator", KL_ESTIMATORS)
+        c.float("value_dropout", 0.0, 1.0, hi_open=True).choice("kl_estimator", KL_ESTIMATORS).int("critic_warmup_steps", 0)
         if self.kl_coef is not None:
             c.float("kl_coef", 0.0, note="null: the release's default for the CoT style")
         c.bool("whiten_advantages", "kl_in_reward").float("score_correct").float("score_wrong").float("score_none")
@@ -169,21 +171,30 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
             value_head.train()
         stats: dict[str, list[float]] = {}
         B = input_ids.shape[0]
+        # Critic warm-up: the value loss alone, on detached hidden states, through the unwrapped LM
+        # (no gradient reaches it, so a DDP wrapper must not wait for one).
+        warming = value_head is not None and step < cfg.critic_warmup_steps
+        lm, value_fn = (model, DetachedInput(critic)) if warming else (policy, critic)
         for _ in range(cfg.ppo_epochs):
             for idx in shuffled_groups(B, group).split(mini_batch):
-                mb_mask = response_mask[idx]
+                # The mini-batch cut to its longest response: the columns after it are padding of
+                # every row, and causal attention keeps them out of the earlier positions anyway.
+                width = max(int(response_mask[idx].sum(-1).max()), 1)
+                mb = lambda t: t[idx][:, :width]  # noqa: E731  (a per-token tensor of this mini-batch)
+                mb_mask = mb(response_mask)
                 with autocast(amp, device):
                     logprobs, values, token_entropy = policy_forward(
-                        policy, critic, input_ids[idx], attention_mask[idx], ro.response_ids[idx], P, cfg.temperature,
-                        cfg.logprob_chunk_size, with_entropy=True, group_size=shared_grad)
-                pg_loss, pg_stats = A.ppo_policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.clip)
-                loss = pg_loss
+                        lm, value_fn, input_ids[idx][:, :P + width], attention_mask[idx][:, :P + width],
+                        mb(ro.response_ids), P, cfg.temperature, cfg.logprob_chunk_size, with_entropy=True,
+                        group_size=shared if warming else shared_grad)
+                pg_loss, pg_stats = A.ppo_policy_loss(logprobs, mb(old_logprobs), mb(advantages), mb_mask, cfg.clip)
+                loss = pg_loss.detach() * 0.0 if warming else pg_loss
                 if value_head is not None:
-                    vf_loss, vf_stats = A.ppo_value_loss(values, old_values[idx], returns[idx], mb_mask, cfg.vf_clip)
+                    vf_loss, vf_stats = A.ppo_value_loss(values, mb(old_values), mb(returns), mb_mask, cfg.vf_clip)
                     loss = loss + cfg.vf_coef * vf_loss
                     pg_stats = {**pg_stats, **vf_stats, "vf_loss": vf_loss.detach()}
-                if cfg.kl_in_loss:
-                    kl_loss = A.sequence_mean(A.kl_penalty(logprobs, ref_logprobs[idx], cfg.kl_estimator), mb_mask)
+                if cfg.kl_in_loss and not warming:
+                    kl_loss = A.sequence_mean(A.kl_penalty(logprobs, mb(ref_logprobs), cfg.kl_estimator), mb_mask)
                     loss = loss + kl_coef * kl_loss
                 if not torch.isfinite(loss):
                     run.fail("loss", loss.item(), step)
@@ -217,6 +228,17 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
         # 8. Engine sync, periodic evaluation + best policy, history, log, resumable checkpoint.
         run.end_step(step, metrics, postfix=dict(score=f"{metrics['reft/score']:.3f}", kl=f"{mean_kl:.3f}"))
     return run.finish(kl_coef=kl_coef)
+
+
+class DetachedInput(torch.nn.Module):
+    """A value head that trains on hidden states without sending gradient into the backbone."""
+
+    def __init__(self, head: torch.nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden.detach())
 
 
 def shuffled_groups(rows: int, group: int) -> torch.Tensor:

@@ -17,9 +17,9 @@ import torch
 from reftune.models import autocast, save_hf
 from reftune.runs import atomic_save, progress, write_json
 from reftune.tasks import Example, Task
-from reftune.trainers.checkpoints import restore_sft_state, save_sft_state
-from reftune.trainers.distributed import Dist, copy_into, full_state_dict, scalar
-from reftune.trainers.lora import is_peft, merged_state_dict
+from reftune.trainers.checkpoints import restore_sft_state, rng_state, save_sft_state
+from reftune.trainers.distributed import Dist, copy_into, full_state_dict, optimizer_state, scalar
+from reftune.trainers.lora import adapter_state, is_peft, merged_state_dict
 from reftune.trainers.loop import RunConfig, evaluate_split, open_run
 from reftune.trainers.supervised import IGNORE, collate, encode_sft_example, linear_schedule, sft_loss, shuffled_batches
 
@@ -112,7 +112,7 @@ def run_sft(cfg: SFTConfig, task: Task | None = None, train_examples: list[Examp
     step, first_epoch = 0, 1
     if run.latest:  # the state after the last complete epoch: continue exactly where it stopped
         first_epoch, step, best_epoch, best_acc, checkpoints, history = restore_sft_state(
-            run.latest[1], optimizer, scheduler, order_rng, run.generator)
+            run.latest[1], model, optimizer, scheduler, order_rng, run.generator, dist)
     logger.truncate_after(step)
     bar = progress(total_steps, "sft", disable=not cfg.progress or not dist.is_main)
     bar.update(step)
@@ -168,7 +168,7 @@ def run_sft(cfg: SFTConfig, task: Task | None = None, train_examples: list[Examp
             if accuracy > best_acc:
                 best_epoch, best_acc = epoch, accuracy
         # A collective under fsdp2; with LoRA the merged weights, so every epoch folder is a plain model.
-        policy_state = merged_state_dict(model) if is_peft(model) else full_state_dict(model, dist) if dist.sharded else None
+        policy_state = merged_state_dict(model, device="cpu") if is_peft(model) else full_state_dict(model, dist) if dist.sharded else None
         if not cfg.save_epochs or epoch in cfg.save_epochs or epoch == cfg.epochs:
             path = run_dir / "checkpoints" / f"epoch-{epoch}"
             if dist.is_main:
@@ -176,10 +176,13 @@ def run_sft(cfg: SFTConfig, task: Task | None = None, train_examples: list[Examp
             checkpoints[epoch] = str(path)
         history.append(record)
         logger.log(step, {f"epoch/{k}": v for k, v in record.items()})
-        if dist.is_main and not dist.sharded and not is_peft(model):  # (fsdp2 and LoRA SFT: no resume state yet)
-            save_sft_state(run_dir, model, tokenizer, epoch=epoch, step=step, optimizer=optimizer,
-                           scheduler=scheduler, order_rng=order_rng, generator=run.generator, history=history,
-                           checkpoints=checkpoints, best_epoch=best_epoch, best_acc=best_acc)
+        # The resume state: AdamW's (gathered under fsdp2: a collective), every rank's RNG, a LoRA adapter.
+        optim, rngs = optimizer_state(model, optimizer, dist), dist.gather(rng_state(run.generator))
+        if dist.is_main:
+            save_sft_state(run_dir, model, tokenizer, epoch=epoch, step=step, optimizer_state=optim,
+                           scheduler=scheduler, order_rng=order_rng, rngs=rngs, history=history,
+                           checkpoints=checkpoints, best_epoch=best_epoch, best_acc=best_acc,
+                           policy_state=policy_state, adapter=adapter_state(model) if is_peft(model) else None)
         dist.barrier()
         if dist.is_main:
             bar.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
