@@ -166,6 +166,30 @@ def test_sampling_logprobs_equal_a_fresh_forward(warm, prompts, temperature):
     assert (rollout.sampling_logprobs[~m] == 0).all()
 
 
+def test_sampling_values_equal_the_value_head_on_a_fresh_forward(warm, prompts):
+    """Given a value head, the static engine returns V(state before each sampled token) from its own
+    decoding passes (eval mode: no dropout), as the trainer's forward over the whole sequence gives
+    it, and sampling itself is unchanged (same seed, same tokens). Small batches compact mid-way."""
+    from reftune.trainers.policy import ValueHead, forward_logits_values
+
+    model, tok = warm
+    head = ValueHead(model.config.hidden_size, dropout=0.5)
+    torch.nn.init.normal_(head.linear.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+    head.train()  # the engine switches it to eval while it decodes, and back
+    plain = StaticSampler(model, tok, batch_size=16, seed=3).generate(prompts[:4], num_samples=3, max_new_tokens=40)
+    engine = StaticSampler(model, tok, batch_size=16, seed=3)
+    engine.value_head = head
+    rollout = engine.generate(prompts[:4], num_samples=3, max_new_tokens=40)
+    assert head.training and torch.equal(rollout.response_ids, plain.response_ids) and plain.sampling_values is None
+    P, m = rollout.prompt_ids.shape[1], rollout.response_mask.bool()
+    head.eval()
+    with torch.no_grad():
+        _, fresh = forward_logits_values(model, head, rollout.input_ids, rollout.attention_mask, P)
+    assert rollout.sampling_values.shape == rollout.response_ids.shape
+    torch.testing.assert_close(rollout.sampling_values[m], fresh[m], atol=1e-4, rtol=1e-4)
+    assert (rollout.sampling_values[~m] == 0).all()
+
+
 def test_seeded_sampling_is_reproducible_and_resumable(warm, prompts):
     model, tok = warm
     kwargs = dict(num_samples=2, max_new_tokens=30)

@@ -229,6 +229,24 @@ def test_critic_warmup_trains_the_value_head_only_then_ppo(warmup_model, parity_
     assert any(not torch.equal(start[k], after[k]) for k in start)
 
 
+def test_old_logprobs_from_the_engine_train_like_a_recomputed_pass(warmup_model, parity_task, tmp_path):
+    """engine_old_logprobs: the static engine's log-probs and values of the sampled tokens replace
+    the no-grad pass over the rollout; they differ from it only by float rounding, so 3 steps train
+    the same weights to float tolerance."""
+    common = dict(engine="static", score_none=0.5, value_dropout=0.0, ppo_epochs=2)
+    a = run_reft(reft_config(warmup_model, tmp_path / "a", **common), task=parity_task)
+    b = run_reft(reft_config(warmup_model, tmp_path / "b", engine_old_logprobs=True, **common), task=parity_task)
+    assert "reft/engine_logprob_gap" in a["history"][0] and "reft/engine_logprob_gap" not in b["history"][0]
+    assert a["history"][0]["reft/engine_logprob_gap"] < 1e-4  # what b takes instead of its own pass
+    for x, y in zip(a["history"], b["history"], strict=True):
+        assert x["reft/score"] == y["reft/score"] and x["reft/kl"] == pytest.approx(y["reft/kl"], abs=1e-5)
+    wa, wb = weights(a["last_checkpoint"]), weights(b["last_checkpoint"])
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=0, msg=k)
+    start = weights(warmup_model)
+    assert any(not torch.equal(start[k], wb[k]) for k in start)
+
+
 def test_resume_without_checkpoint_is_an_error(warmup_model, parity_task, tmp_path):
     with pytest.raises(FileNotFoundError, match="latest.json"):
         run_reft(reft_config(warmup_model, tmp_path / "run"), resume=True, task=parity_task)

@@ -35,7 +35,10 @@ class Rollout:
     """(B,) bool: the response ended with EOS (False: cut at max_new_tokens)."""
     sampling_logprobs: torch.Tensor | None = None
     """(B, R) log-probs of the sampled tokens as the engine computed them, where it reports them
-    (vLLM); trainers use their own forward pass and log the gap to these."""
+    (static, vLLM); trainers log the gap to their own forward pass, or use them (engine_old_logprobs)."""
+    sampling_values: torch.Tensor | None = None
+    """(B, R) V(state before each response token) from the engine's own hidden states, where an engine
+    was given the trainer's value head (static)."""
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -85,7 +88,7 @@ def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor,
 
 
 def finish_rollout(tokenizer, prompt_ids, prompt_mask, sampled: torch.Tensor, prompt_index,
-                   sampling_logprobs: torch.Tensor | None = None) -> Rollout:
+                   sampling_logprobs: torch.Tensor | None = None, sampling_values: torch.Tensor | None = None) -> Rollout:
     """Turn raw sampled ids (B, R) into a Rollout: mask after the first EOS, pad it, decode."""
     eos, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     is_eos = sampled == eos
@@ -99,12 +102,14 @@ def finish_rollout(tokenizer, prompt_ids, prompt_mask, sampled: torch.Tensor, pr
     response_ids, response_mask = response_ids[:, :width], response_mask[:, :width]
     if sampling_logprobs is not None:
         sampling_logprobs = sampling_logprobs[:, :width].masked_fill(response_mask == 0, 0.0)
+    if sampling_values is not None:
+        sampling_values = sampling_values[:, :width].masked_fill(response_mask == 0, 0.0)
     texts = tokenizer.batch_decode(
         [row[m.bool() & (row != eos)].tolist() for row, m in zip(response_ids.cpu(), response_mask.cpu())],
         skip_special_tokens=True,
     )
     return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, texts, list(prompt_index), ended,
-                   sampling_logprobs)
+                   sampling_logprobs, sampling_values)
 
 
 def rollout_from_token_lists(tokenizer, prompt_rows: list[list[int]], responses: list[list[int]],
@@ -142,9 +147,10 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         filler = torch.full((t.shape[0], extra), value, dtype=t.dtype, device=t.device)
         return torch.cat([filler, t] if left else [t, filler], dim=1)
 
-    logprobs = None
-    if all(r.sampling_logprobs is not None for r in parts):
-        logprobs = torch.cat([widen(r.sampling_logprobs, R, 0.0, False) for r in parts])
+    def per_token(name):
+        if any(getattr(r, name) is None for r in parts):
+            return None
+        return torch.cat([widen(getattr(r, name), R, 0.0, False) for r in parts])
     return Rollout(
         torch.cat([widen(r.prompt_ids, P, pad_id, True) for r in parts]),
         torch.cat([widen(r.prompt_mask, P, 0, True) for r in parts]),
@@ -153,7 +159,8 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         [t for r in parts for t in r.texts],
         [i for r in parts for i in r.prompt_index],
         torch.cat([r.ended_with_eos for r in parts]),
-        logprobs,
+        per_token("sampling_logprobs"),
+        per_token("sampling_values"),
     )
 
 

@@ -158,6 +158,9 @@ class StaticSampler:
         self.rng.manual_seed(seed if seed is not None else int(torch.randint(2**62, (1,)).item()))
         self.fallback = fallback_reason(model)
         self._cached = CachedSampler(model, tokenizer, batch_size=batch_size) if self.fallback else None
+        self.value_head: torch.nn.Module | None = None
+        """A trainer's value head: when set, sampled rollouts also carry `sampling_values`, the head
+        (in eval mode) on the last hidden state of the step that sampled each token."""
 
     def sync_weights(self) -> None:
         pass  # shares the live model, and nothing is derived from its weights
@@ -173,8 +176,10 @@ class StaticSampler:
             return _repeat_rows(once, num_samples)
         per_chunk = max(1, self.batch_size // num_samples)  # whole prompts, at most batch_size rows
         parts = []
-        was_training = self.model.training
-        self.model.eval()
+        modules = [m for m in (self.model, None if greedy else self.value_head) if m is not None]
+        was_training = [m.training for m in modules]
+        for m in modules:
+            m.eval()
         try:
             for start in range(0, len(prompts), per_chunk):
                 chunk = prompts[start:start + per_chunk]
@@ -182,7 +187,8 @@ class StaticSampler:
                 parts.append(self._generate_chunk(chunk, [start + i for i in index], num_samples, greedy,
                                                   temperature, top_p, max_new_tokens))
         finally:
-            self.model.train(was_training)
+            for m, mode in zip(modules, was_training):
+                m.train(mode)
         return concat_rollouts(parts, self.tokenizer.pad_token_id)
 
     def _generate_chunk(self, prompts, index, n, greedy, temperature, top_p, max_new_tokens):
@@ -192,11 +198,15 @@ class StaticSampler:
         P = ids.shape[1]
         cache = _buffer_cache(P + max_new_tokens)
         cache_arg = {cache_kwarg(model): cache}
+        head = None if greedy else self.value_head
+        # With a value head, each step's last hidden state gives V(state before the token it samples).
+        step_values = (lambda out: head(out.hidden_states[-1][:, -1])) if head is not None else (lambda out: None)
         out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True,
-                    logits_to_keep=1, **cache_arg)
-        logits = out.logits[:, -1]
+                    logits_to_keep=1, output_hidden_states=head is not None, **cache_arg)
+        logits, value = out.logits[:, -1], step_values(out)
         if n > 1:
             logits, ids, mask = (t.repeat_interleave(n, 0) for t in (logits, ids, mask))
+            value = value.repeat_interleave(n, 0) if value is not None else None
             cache.batch_repeat_interleave(n)
         B = ids.shape[0]
         mask4d = getattr(model.config, "_attn_implementation", None) in _MASK4D_IMPLEMENTATIONS
@@ -211,6 +221,7 @@ class StaticSampler:
         pos = mask.sum(-1, keepdim=True)
         sampled = torch.full((B, max_new_tokens), tok.pad_token_id, dtype=torch.long, device=device)
         logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+        values = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device) if head is not None else None
         rows = torch.arange(B, device=device)  # batch slot -> output row, changes when compacted
         done = torch.zeros(B, dtype=torch.bool, device=device)
         eager = not greedy and self.eager_sampling_attention and model.config._attn_implementation == "sdpa"
@@ -218,6 +229,8 @@ class StaticSampler:
             for t in range(max_new_tokens):
                 tokens, lp = sample_rows(logits, greedy, temperature, top_p, self.rng)
                 sampled[rows, t], logprobs[rows, t] = tokens, lp.float()
+                if values is not None:
+                    values[rows, t] = value
                 done |= tokens == tok.eos_token_id
                 if t == max_new_tokens - 1 or bool(done.all()):
                     break
@@ -229,10 +242,10 @@ class StaticSampler:
                 attend[:, P + t] = 0 if mask4d else 1
                 step_mask = attend[:, None, None, :P + t + 1] if mask4d else attend[:, :P + t + 1]
                 out = model(input_ids=tokens[:, None], attention_mask=step_mask, position_ids=pos, use_cache=True,
-                            **cache_arg)
-                logits = out.logits[:, -1]
+                            output_hidden_states=head is not None, **cache_arg)
+                logits, value = out.logits[:, -1], step_values(out)
                 pos = pos + 1
-        return finish_rollout(tok, ids, mask, sampled, index, sampling_logprobs=logprobs)
+        return finish_rollout(tok, ids, mask, sampled, index, sampling_logprobs=logprobs, sampling_values=values)
 
 
 @contextlib.contextmanager
@@ -256,4 +269,4 @@ def _repeat_rows(rollout, n: int):
     return Rollout(rep(rollout.prompt_ids), rep(rollout.prompt_mask), rep(rollout.response_ids),
                    rep(rollout.response_mask), [s for s in rollout.texts for _ in range(n)],
                    [i for i in rollout.prompt_index for _ in range(n)], rep(rollout.ended_with_eos),
-                   rep(rollout.sampling_logprobs))
+                   rep(rollout.sampling_logprobs), rep(rollout.sampling_values))

@@ -58,6 +58,8 @@ class ReFTConfig(OnlineConfig):
     """Weight of the value loss (the release: 5)."""
     value_dropout: float = 0.1
     """Dropout before the value head's linear layer."""
+    engine_old_logprobs: bool = False
+    """Take PPO's old log-probs and values from the engine's own decoding passes where it computes them (engine=static; not under mixed precision or fsdp2) instead of one more no-grad pass."""
     critic_warmup_steps: int = 0
     """First iterations that train only the value head (on detached hidden states; the policy stays put), so PPO starts with a fitted critic instead of V=0."""
     kl_coef: float | None = None
@@ -133,6 +135,12 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
     group = cfg.samples_per_prompt if mini_batch % cfg.samples_per_prompt == 0 else 1
     shared = group if group > 1 and not cfg.gradient_checkpointing and not cfg.logprob_chunk_size else 1
     shared_grad = shared if not run.dist.enabled else 1
+    # The static engine decodes with the live policy: its log-probs of the sampled tokens are the old
+    # ones (up to float rounding; not so under bf16 autocast), and given the value head it also
+    # returns the old values. (Under fsdp2 the value head is sharded: its forward is a collective.)
+    from_engine = cfg.engine_old_logprobs and not amp and not run.dist.sharded and hasattr(run.generator, "value_head")
+    if from_engine:
+        run.generator.value_head = value_head
 
     for step in run.steps():
         t0 = time.time()
@@ -151,8 +159,11 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
             model.eval()
             if value_head is not None:
                 value_head.eval()
-            old_logprobs, old_values, _ = policy_forward(policy, critic, input_ids, attention_mask, ro.response_ids,
-                                                         P, cfg.temperature, cfg.logprob_chunk_size, group_size=shared)
+            if from_engine and ro.sampling_logprobs is not None and (value_head is None or ro.sampling_values is not None):
+                old_logprobs, old_values = ro.sampling_logprobs.to(device), ro.sampling_values
+            else:
+                old_logprobs, old_values, _ = policy_forward(policy, critic, input_ids, attention_mask, ro.response_ids,
+                                                             P, cfg.temperature, cfg.logprob_chunk_size, group_size=shared)
             with reference_mode(ref_model), frozen_forward(ref_model is not model):
                 ref_logprobs, _, _ = policy_forward(ref_model, None, input_ids, attention_mask, ro.response_ids, P,
                                                     cfg.temperature, cfg.logprob_chunk_size, group_size=shared)
@@ -221,7 +232,7 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
         }
         if value_head is not None:
             metrics["reft/value_explained_var"] = float(A.explained_variance(old_values, returns, response_mask))
-        if ro.sampling_logprobs is not None:  # engines with their own numerics (vLLM): how far they are
+        if ro.sampling_logprobs is not None and not from_engine:  # engines with their own numerics (vLLM): how far
             gap = (ro.sampling_logprobs.to(device) - old_logprobs).abs()
             metrics["reft/engine_logprob_gap"] = float(A.masked_mean(gap, response_mask))
         metrics = run.average(metrics)  # over processes: every one holds the same number of rows
