@@ -140,6 +140,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def check_model_source(name_or_path: str, key: str = "model", tokenizer: bool = True, weights: bool = True) -> None:
     """Refuse, with one message, a model that cannot load: see the module doc."""
+    if isinstance(name_or_path, os.PathLike):  # a pathlib.Path from Python callers
+        name_or_path = os.fspath(name_or_path)
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise _error(f"no model given: set `{key}` to a Hugging Face id or a local folder")
     path = Path(name_or_path).expanduser()

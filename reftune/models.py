@@ -47,9 +47,10 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str | Path):
     from transformers import AutoTokenizer
 
+    name_or_path = str(name_or_path)
     _check_model_path(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
@@ -87,12 +88,13 @@ def quantization_config(quantize: str, dtype: torch.dtype):
                               bnb_4bit_use_double_quant=True)
 
 
-def load_causal_lm(name_or_path: str, device: torch.device, dtype: torch.dtype, quantize: str = "no"):
+def load_causal_lm(name_or_path: str | Path, device: torch.device, dtype: torch.dtype, quantize: str = "no"):
     """The model on `device` in `dtype`; with `quantize` its linear layers (not the embeddings or the
     LM head) hold bitsandbytes-quantized weights, placed on the device as they load."""
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
+    name_or_path = str(name_or_path)
     _check_model_path(name_or_path)
     quant = quantization_config(quantize, dtype)
     try:

@@ -464,3 +464,16 @@ def test_long_prompts_skip_rule_counts_them(capsys, tmp_path, warmup_model):
 def test_a_configured_prompt_cap(capsys, tmp_path, warmup_model):
     code, err = run(capsys, *eval_args(warmup_model, tmp_path / "run", "data.max_prompt_tokens=8"))
     assert code == 2 and "data.max_prompt_tokens=8" in one_error_line(err, "eval")
+
+
+def test_model_loaders_accept_pathlib_paths(tiny_model):
+    """Python callers pass `Path` objects as often as strings: both load the same model."""
+    from pathlib import Path
+
+    import torch
+
+    from reftune.models import load_causal_lm, load_tokenizer
+
+    assert load_tokenizer(Path(tiny_model)).eos_token_id == load_tokenizer(tiny_model).eos_token_id
+    model = load_causal_lm(Path(tiny_model), torch.device("cpu"), torch.float32)
+    assert model.config.vocab_size == load_causal_lm(tiny_model, torch.device("cpu"), torch.float32).config.vocab_size
