@@ -357,7 +357,8 @@ def plan_run(cfg, world_size: int, gpu_memory_gib: float | None = None, model_sp
     quantize = getattr(cfg, "lora_quantize", "no") if lora_r else "no"
     checkpointing = bool(getattr(cfg, "gradient_checkpointing", False))
     chunk = getattr(cfg, "logprob_chunk_size", 0) or 0
-    engine = getattr(cfg, "engine", "cached")
+    engine = getattr(cfg, "engine", "auto")
+    engine = "cached" if engine in ("auto", "static") else engine  # (auto on a GPU; static's cache is cached's size)
     N = spec.params
     N_t, g = N, w
     if lora_r:

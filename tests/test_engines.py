@@ -295,3 +295,17 @@ def test_one_registry_entry_adds_an_engine(monkeypatch):
 
 def test_static_is_registered():
     assert ENGINES["static"].target == "reftune.engines.static:StaticSampler"
+
+
+def test_auto_engine_is_static_on_a_cpu(untrained):
+    """The default engine, `auto`, builds the static engine for a model on the CPU (the cached one
+    for a model on a GPU); other names are kept."""
+    from reftune.engines import resolve_engine
+
+    model, tok = untrained
+    assert resolve_engine("auto", model) == "static" and resolve_engine("hf", model) == "hf"
+    assert isinstance(make_generator("auto", model, tok), StaticSampler)
+    from reftune.trainers.reft import ReFTConfig
+    from reftune.trainers.sft import SFTConfig
+
+    assert ReFTConfig().engine == SFTConfig().engine == "auto"

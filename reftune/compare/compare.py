@@ -64,8 +64,8 @@ class CompareConfig:
     """Questions sampled and appended at a time (resume granularity)."""
     gen_batch_size: int = 64
     """Sequences decoded at once."""
-    engine: str = "cached"
-    """Generation engine (reftune.engines.ENGINES: cached | hf | vllm, or package.module:Class)."""
+    engine: str = "auto"
+    """Generation engine (reftune.engines.ENGINES: auto = static on CPU, cached on GPU | cached | static | hf | vllm, or package.module:Class)."""
     rerank: bool = True
     """Rerank with a reward model (given, or trained here); False: top-1 and voting only."""
     reward_model: str = ""

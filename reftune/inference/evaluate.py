@@ -63,8 +63,8 @@ class EvalConfig:
     """Longest CoT generated."""
     batch_size: int = 64
     """Questions decoded at once."""
-    engine: str = "cached"
-    """Generation engine (reftune.engines.ENGINES: cached | hf | vllm, or package.module:Class)."""
+    engine: str = "auto"
+    """Generation engine (reftune.engines.ENGINES: auto = static on CPU, cached on GPU | cached | static | hf | vllm, or package.module:Class)."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N"""
     dtype: str = "auto"

@@ -53,8 +53,8 @@ class SampleConfig:
     """Questions sampled and appended to the file at a time (what a kill can lose)."""
     batch_size: int = 64
     """Sequences decoded at once."""
-    engine: str = "cached"
-    """Generation engine (reftune.engines.ENGINES: cached | hf | vllm, or package.module:Class)."""
+    engine: str = "auto"
+    """Generation engine (reftune.engines.ENGINES: auto = static on CPU, cached on GPU | cached | static | hf | vllm, or package.module:Class)."""
     seed: int = 0
     """Seed of the sampler; chunk i uses seed + i, so a resumed run draws what it would have."""
     device: str = "auto"

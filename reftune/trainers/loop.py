@@ -126,8 +126,8 @@ class OnlineConfig(RunConfig):
     """Longest CoT in evaluation."""
     save_every: int = 10
     """Iterations between resumable checkpoints (0: only at the end)."""
-    engine: str = "cached"
-    """Generation engine (reftune.engines.ENGINES: cached | hf | vllm, or package.module:Class)."""
+    engine: str = "auto"
+    """Generation engine (reftune.engines.ENGINES: auto = static on CPU, cached on GPU | cached | static | hf | vllm, or package.module:Class)."""
     gen_batch_size: int = 64
     """Sequences decoded at once."""
     logprob_chunk_size: int = 0
@@ -216,7 +216,7 @@ def claim_folder(out_dir: str, dist: Dist, *, resume: bool, overwrite: bool, com
     return folder, mode
 
 
-def open_run(cfg: RunConfig, *, resume: bool = False, task: Task | None = None, engine: str = "cached",
+def open_run(cfg: RunConfig, *, resume: bool = False, task: Task | None = None, engine: str = "auto",
              gen_batch_size: int = 64, sampler_seed: int | None = None,
              check_task: Callable[[Task], None] | None = None, overwrite: bool = False,
              command: str = "train") -> OpenedRun:

@@ -54,8 +54,8 @@ class OfflineSTConfig:
     """Questions sampled and appended to the samples file at a time (resume granularity)."""
     gen_batch_size: int = 64
     """Sequences decoded at once."""
-    engine: str = "cached"
-    """Generation engine (reftune.engines.ENGINES: cached | hf | vllm, or package.module:Class)."""
+    engine: str = "auto"
+    """Generation engine (reftune.engines.ENGINES: auto = static on CPU, cached on GPU | cached | static | hf | vllm, or package.module:Class)."""
     seed: int = 0
     """Seed of the sampler and of the SFT run."""
     device: str = "auto"

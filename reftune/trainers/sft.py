@@ -56,8 +56,8 @@ class SFTConfig(RunConfig):
     """Longest CoT generated in evaluation."""
     eval_batch_size: int = 64
     """Questions decoded at once in evaluation."""
-    engine: str = "cached"
-    """Generation engine for evaluation (reftune.engines.ENGINES)."""
+    engine: str = "auto"
+    """Generation engine for evaluation (reftune.engines.ENGINES; auto = static on CPU, cached on GPU)."""
     log_every: int = 10
     """Optimizer steps between metric records."""
 
