@@ -90,6 +90,8 @@ class DemoConfig:
     """ReFT settings (model, data and out_dir are set by the demo)."""
     baselines: bool = True
     """Run Offline-ST, Online-ST and the reward model (False: warm-up, SFT and ReFT with top-1 and voting only)."""
+    parallel_stages: bool = True
+    """Train ReFT in a second process while Offline-ST and Online-ST run in this one, each with half the CPU threads (the same results as one after the other)."""
     train_samples_k: int = 4
     """Samples per training question from the warm-up model, for Offline-ST and the reward model (the paper: 100)."""
     offline_st_epochs: int = 0
@@ -105,7 +107,7 @@ class DemoConfig:
         from reftune.validate import Checks
 
         c = Checks(self, prefix)
-        c.out_dir().bool("quick", "baselines").int("seed", 0, 2**32 - 1).int("threads", 0, note="0: torch's default")
+        c.out_dir().bool("quick", "baselines", "parallel_stages").int("seed", 0, 2**32 - 1).int("threads", 0, note="0: torch's default")
         c.int("train_samples_k", 1).int("offline_st_epochs", 0).int("offline_st_max_per_question", 0)
         c.int("compare_k", 1)
         self.data.validate("data.")
@@ -177,11 +179,7 @@ def run_demo(cfg: DemoConfig, overwrite: bool = False, explicit: set[str] | None
 
 
 def _run_stages(cfg: DemoConfig, out: Path, start: float) -> dict:
-    from reftune.compare.compare import METHODS, CompareConfig, run_compare
-    from reftune.trainers.offline_st import OfflineSTConfig, run_offline_st
-    from reftune.trainers.online_st import online_st_config_from_reft, run_online_st
     from reftune.trainers.reft import run_reft
-    from reftune.inference.sample import read_samples
     from reftune.trainers.sft import run_sft
     from reftune.tasks import load_task
     from reftune.tiny import build_tiny_model, tokenizer_corpus
@@ -201,11 +199,62 @@ def _run_stages(cfg: DemoConfig, out: Path, start: float) -> dict:
     sft = run_sft(sft_cfg, task=task)
     warmup_ckpt, sft_ckpt = sft["checkpoints"][cfg.warmup_epoch], sft["best_checkpoint"]
 
-    # 3. ReFT from the warm-up checkpoint.
-    reft = run_reft(r(cfg.reft, model=warmup_ckpt, data=cfg.data, out_dir=str(out / "reft")), task=task)
+    # 3. ReFT from the warm-up checkpoint: here, or in a second process beside steps 4-5 (independent
+    # of them: every stage is seeded on its own, so the results do not depend on the order).
+    reft_cfg = r(cfg.reft, model=warmup_ckpt, data=cfg.data, out_dir=str(out / "reft"))
+    parallel = cfg.parallel_stages and cfg.baselines
+    t0 = time.time()
+    if parallel:
+        threads = cfg.threads or torch.get_num_threads()
+        reft_stage = BackgroundStage(run_reft_stage, reft_cfg, max(1, threads // 2))
+        torch.set_num_threads(max(1, threads - threads // 2))
+        print(f"[demo] ReFT trains in process {reft_stage.pid} while the baselines run here", flush=True)
+    else:
+        reft = run_reft(reft_cfg, task=task)
 
-    stage_seconds = {"tiny_sft_reft": round(time.time() - start, 1)}
-    methods = {"warmup": warmup_ckpt, "sft": sft_ckpt, "reft": reft["best_checkpoint"]}
+    stage_seconds = {"tiny_sft_reft" if not parallel else "tiny_sft": round(time.time() - start, 1)}
+    methods = {"warmup": warmup_ckpt, "sft": sft_ckpt}
+    train_samples, offline_data = None, None
+    try:
+        train_samples, offline_data = _baselines(cfg, out, task, model_dir, warmup_ckpt, methods, stage_seconds,
+                                                 quiet=parallel)
+        if parallel:
+            reft = reft_stage.result()
+            torch.set_num_threads(threads)
+            stage_seconds["reft_beside_baselines"] = round(time.time() - t0, 1)
+    finally:
+        if parallel:
+            reft_stage.stop()
+    methods["reft"] = reft["best_checkpoint"]
+    methods = {m: methods[m] for m in ("warmup", "sft", "reft", "offline_st", "online_st") if m in methods}
+    comparison, results = _compare(cfg, out, task, methods, sft_ckpt, train_samples, stage_seconds)
+
+    summary = {
+        "task": task.name, "style": task.style, "seed": cfg.seed, "quick": cfg.quick,
+        "warmup_epoch": cfg.warmup_epoch, "sft_best_epoch": sft["best_epoch"],
+        **results,
+        **({"offline_st_data": offline_data} if offline_data else {}),
+        "compare": {"k": cfg.compare_k, "html": "compare/compare.html", "markdown": "compare/compare.md",
+                    "json": "compare/compare.json"},
+        "stage_seconds": stage_seconds,
+        "wall_seconds": round(time.time() - start, 1),
+    }
+    write_json(out / "summary.json", summary)
+    write_demo_report(out, summary, sft["history"], reft["history"])
+    print(f"[demo] done in {summary['wall_seconds']:.0f}s; report: {out / 'report.md'}", flush=True)
+    return summary
+
+
+def _baselines(cfg: DemoConfig, out: Path, task, model_dir, warmup_ckpt: str, methods: dict, stage_seconds: dict,
+               quiet: bool):
+    """Steps 4-5 (Offline-ST, Online-ST) into `methods` and `stage_seconds`; returns (the warm-up's
+    training samples, Offline-ST's data counts), both None without baselines. `quiet`: no progress
+    bars (ReFT's, in the other process, keeps the terminal)."""
+    from reftune.inference.sample import read_samples
+    from reftune.trainers.offline_st import OfflineSTConfig, run_offline_st
+    from reftune.trainers.online_st import online_st_config_from_reft, run_online_st
+
+    r = dataclasses.replace
     train_samples, offline_data = None, None
     if cfg.baselines:
         # 4. Offline-ST: warm-up samples on the training set, SFT from the BASE model on gold + kept.
@@ -219,7 +268,7 @@ def _run_stages(cfg: DemoConfig, out: Path, start: float) -> dict:
             step_budget_epochs=0 if cfg.offline_st_epochs else cfg.sft.epochs,
             temperature=cfg.reft.temperature, top_p=cfg.reft.top_p, max_new_tokens=cfg.reft.max_new_tokens,
             gen_batch_size=cfg.reft.gen_batch_size, engine=cfg.reft.engine, seed=cfg.seed, device=cfg.sft.device,
-            progress=cfg.sft.progress, sft=offline_sft)
+            progress=cfg.sft.progress and not quiet, sft=r(offline_sft, progress=offline_sft.progress and not quiet))
         offline = run_offline_st(offline_cfg, task=task)
         train_samples = read_samples(out / "offline_st" / "train_samples.jsonl")
         methods["offline_st"] = offline["best_checkpoint"]
@@ -233,9 +282,18 @@ def _run_stages(cfg: DemoConfig, out: Path, start: float) -> dict:
         t0 = time.time()
         online_cfg = online_st_config_from_reft(cfg.reft, model=warmup_ckpt, data=cfg.data,
                                                 out_dir=str(out / "online_st"))
+        online_cfg = r(online_cfg, progress=online_cfg.progress and not quiet)
         methods["online_st"] = run_online_st(online_cfg, task=task)["best_checkpoint"]
         stage_seconds["online_st"] = round(time.time() - t0, 1)
+        print(f"[demo] online-st done ({time.time() - t0:.0f}s)", flush=True)
+    return train_samples, offline_data
 
+
+def _compare(cfg: DemoConfig, out: Path, task, methods: dict, sft_ckpt: str, train_samples, stage_seconds: dict):
+    """Step 6; returns (the comparison, each method's test results for the summary)."""
+    from reftune.compare.compare import METHODS, CompareConfig, run_compare
+
+    r = dataclasses.replace
     # 6. Compare every method on the test split: greedy top-1, voting@k, reranking@k (reward model
     # from the SFT checkpoint, trained on the warm-up samples step 4 drew), compare.html.
     t0 = time.time()
@@ -254,21 +312,60 @@ def _run_stages(cfg: DemoConfig, out: Path, start: float) -> dict:
               f"{entry['vote_accuracy']:.3f}, rerank@{entry['k']} "
               f"{'-' if entry['rerank_accuracy'] is None else format(entry['rerank_accuracy'], '.3f')} "
               f"(n={entry['n']})", flush=True)
+    return comparison, results
 
-    summary = {
-        "task": task.name, "style": task.style, "seed": cfg.seed, "quick": cfg.quick,
-        "warmup_epoch": cfg.warmup_epoch, "sft_best_epoch": sft["best_epoch"],
-        **results,
-        **({"offline_st_data": offline_data} if offline_data else {}),
-        "compare": {"k": cfg.compare_k, "html": "compare/compare.html", "markdown": "compare/compare.md",
-                    "json": "compare/compare.json"},
-        "stage_seconds": stage_seconds,
-        "wall_seconds": round(time.time() - start, 1),
-    }
-    write_json(out / "summary.json", summary)
-    write_demo_report(out, summary, sft["history"], reft["history"])
-    print(f"[demo] done in {summary['wall_seconds']:.0f}s; report: {out / 'report.md'}", flush=True)
-    return summary
+
+def run_reft_stage(reft_cfg, threads: int) -> dict:
+    """ReFT in the second process: torch pinned to `threads`, the task loaded again (deterministic)."""
+    from reftune.tasks import load_task
+    from reftune.trainers.reft import run_reft
+
+    torch.set_num_threads(threads)
+    return run_reft(reft_cfg, task=load_task(reft_cfg.data))
+
+
+class BackgroundStage:
+    """`fn(*args)` in a spawned process (a fresh interpreter: no forked torch or sandbox state);
+    `result()` waits for its return value or re-raises its error here, `stop()` ends it."""
+
+    def __init__(self, fn, *args):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child_conn = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_stage_main, args=(child_conn, fn, args), daemon=True)
+        self._proc.start()
+        child_conn.close()
+        self.pid = self._proc.pid
+
+    def result(self):
+        try:
+            ok, payload = self._conn.recv()
+        except EOFError:
+            self._proc.join()
+            raise RuntimeError(f"the demo's ReFT process ended without a result (exit code {self._proc.exitcode})") \
+                from None
+        if not ok:
+            raise payload
+        return payload
+
+    def stop(self) -> None:
+        if self._proc.is_alive():
+            self._proc.terminate()
+        self._proc.join()
+        self._conn.close()
+
+
+def _stage_main(conn, fn, args) -> None:
+    try:
+        conn.send((True, fn(*args)))
+    except BaseException as e:  # noqa: BLE001  (sent to the parent, which raises it)
+        try:
+            conn.send((False, e))
+        except Exception:  # an exception that does not pickle: its type and message
+            conn.send((False, RuntimeError(f"{type(e).__name__}: {e}")))
+    finally:
+        conn.close()
 
 
 def load_summary(out_dir: str | Path) -> dict:

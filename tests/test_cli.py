@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import small_overrides, tiny_overrides
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reftune.cli import main
@@ -132,6 +134,27 @@ def test_demo_quick(capsys, tmp_path):
     # a second demo into the same folder refuses to overwrite it
     code, _, err = run_main(capsys, "demo", "--quick", "--out", out_dir)
     assert code == 2 and "already holds a demo run" in err
+
+
+def test_demo_runs_reft_beside_the_baselines_with_the_same_results(capsys, tmp_path):
+    """parallel_stages (the default) trains ReFT in a second process while Offline-ST and Online-ST
+    run: every method's results equal those of the stages one after the other."""
+    quiet = [f"{stage}.{key}=false" for stage in ("sft", "reft") for key in ("progress", "tensorboard")]
+    summaries = {}
+    for parallel in ("true", "false"):
+        out_dir = tmp_path / parallel
+        code, _, err = run_main(capsys, "demo", "--quick", "--out", out_dir, "threads=1", f"parallel_stages={parallel}",
+                                *quiet)
+        assert code == 0, err
+        summaries[parallel] = json.loads((out_dir / "summary.json").read_text())
+    a, b = summaries["true"], summaries["false"]
+    assert "reft_beside_baselines" in a["stage_seconds"] and "tiny_sft_reft" in b["stage_seconds"]
+    for method in ("warmup", "sft", "reft", "offline_st", "online_st"):
+        for key in ("accuracy", "vote_accuracy", "rerank_accuracy"):
+            assert a[method][key] == b[method][key], (method, key)
+    wa = load_file(str(Path(a["reft"]["checkpoint"]) / "model.safetensors"))
+    wb = load_file(str(Path(b["reft"]["checkpoint"]) / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.fixture(scope="module")
