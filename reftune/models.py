@@ -99,12 +99,34 @@ def load_causal_lm(name_or_path: str | Path, device: torch.device, dtype: torch.
     quant = quantization_config(quantize, dtype)
     try:
         if quant is not None:
-            return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, quantization_config=quant,
-                                                        device_map={"": device})
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, quantization_config=quant,
+                                                         device_map={"": device})
+            return _check_4bit_layers(model)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load model from {name_or_path!r}: {e}") from None
     return model.to(device)
+
+
+def _check_4bit_layers(model):
+    """Check and fix what bitsandbytes' CPU 4-bit kernels need (measured with bitsandbytes 0.50.2 on
+    an AVX512-BF16 CPU): (1) their dequantize reads the wrong scales for a row (a layer's input
+    features) that is not a whole number of quantization blocks, so such layers are refused on CPU
+    (any Hub model's widths are multiples of 64; a tiny test model may not be); (2) on such a CPU
+    the first no-grad eval forward rewrites a layer's packed weight in place into a kernel layout
+    that peft's dequantize (our merged checkpoints, the vLLM sync) does not read, so that rewrite is
+    turned off: the standard layout works on every path, the rewrite only speeds up CPU inference."""
+    for name, module in model.named_modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        state = getattr(module.weight, "quant_state", None)
+        block = getattr(state, "blocksize", 0)
+        if module.weight.device.type == "cpu" and block and module.in_features % block:
+            raise ValueError(f"{name}: {module.in_features} input features are not a multiple of bitsandbytes' "
+                             f"{block}-value 4-bit block, which its CPU kernels dequantize wrongly; use "
+                             f"lora_quantize=int8 or no, or a model whose widths are multiples of {block}")
+    return model
 
 
 def is_quantized(model) -> bool:

@@ -52,12 +52,33 @@ def tiny_model(tmp_path_factory, small_task) -> str:
     return str(path)
 
 
+def _warmed_up(model: str, out, task) -> str:
+    from reftune.trainers.sft import SFTConfig, run_sft
+
+    cfg = SFTConfig(model=model, data=small_data(), out_dir=str(out), epochs=2, batch_size=16, lr=3e-3,
+                    eval_split="none", device="cpu", progress=False, tensorboard=False)
+    return run_sft(cfg, task=task)["checkpoints"][2]
+
+
 @pytest.fixture(scope="session")
 def warmup_model(tmp_path_factory, tiny_model, small_task) -> str:
     """A briefly SFT-ed tiny model: the warm-up checkpoint ReFT tests start from (read-only)."""
-    from reftune.trainers.sft import SFTConfig, run_sft
+    return _warmed_up(tiny_model, tmp_path_factory.mktemp("warmup") / "sft", small_task)
 
-    out = tmp_path_factory.mktemp("warmup") / "sft"
-    cfg = SFTConfig(model=tiny_model, data=small_data(), out_dir=str(out), epochs=2, batch_size=16, lr=3e-3,
-                    eval_split="none", device="cpu", progress=False, tensorboard=False)
-    return run_sft(cfg, task=small_task)["checkpoints"][2]
+
+# QLoRA's 4-bit CPU kernels need layer widths that are whole 64-value blocks (reftune.models refuses others).
+QLORA_TINY = {**TINY, "hidden_size": 64, "intermediate_size": 128}
+
+
+@pytest.fixture(scope="session")
+def qlora_tiny_model(tmp_path_factory, small_task) -> str:
+    """An untrained tiny Llama 64 wide (read-only)."""
+    path = build_tiny_model(tmp_path_factory.mktemp("qlora-tiny") / "model", tokenizer_corpus(small_task),
+                            TinyModelConfig(**QLORA_TINY))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def qlora_warmup_model(tmp_path_factory, qlora_tiny_model, small_task) -> str:
+    """`qlora_tiny_model` briefly SFT-ed: the QLoRA tests' starting point (read-only)."""
+    return _warmed_up(qlora_tiny_model, tmp_path_factory.mktemp("qlora-warmup") / "sft", small_task)

@@ -186,11 +186,12 @@ def killed_after_epoch(args: list[str], nproc: int, run: Path, epoch: int) -> No
 
 @pytest.mark.parametrize("parallel, extra", [("fsdp2", []), ("ddp", ["lora_r=4", "lora_quantize=nf4"])],
                          ids=["fsdp2", "ddp-qlora"])
-def test_two_process_sft_killed_after_an_epoch_resumes_exactly(parallel, extra, tiny_model, tmp_path):
+def test_two_process_sft_killed_after_an_epoch_resumes_exactly(parallel, extra, request, tmp_path):
     """2-process SFT (fsdp2: sharded AdamW state; ddp + QLoRA: the adapter in the resume state)
     SIGKILLed after epoch 1 of 3: `--resume` reproduces the straight run's metrics and weights."""
     if extra:
         pytest.importorskip("bitsandbytes")
+    tiny_model = request.getfixturevalue("qlora_tiny_model" if extra else "tiny_model")
     common = ["epochs=3", "save_epochs=[3]", f"parallel={parallel}", *extra, *SFT[1:], *small_overrides()]
     a, b = tmp_path / "A", tmp_path / "B"
     launch(["sft", f"model={tiny_model}", f"out_dir={a}", *common], 2)

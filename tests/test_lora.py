@@ -53,7 +53,8 @@ def test_lora_reft_trains_adapters_only_with_the_base_as_reference(warmup_model,
 
 
 @pytest.mark.parametrize("quantize", ["no", "nf4"])
-def test_lora_resume_is_exact(quantize, warmup_model, small_task, tmp_path):
+def test_lora_resume_is_exact(quantize, request, small_task, tmp_path):
+    warmup_model = request.getfixturevalue("warmup_model" if quantize == "no" else "qlora_warmup_model")
     if quantize != "no":
         pytest.importorskip("bitsandbytes")  # QLoRA: the base is quantized again from the same weights
     straight = run_reft(config(warmup_model, tmp_path / "A", steps=4, lora_quantize=quantize), task=small_task)

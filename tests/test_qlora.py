@@ -18,7 +18,7 @@ pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
 from reftune.engines import make_generator  # noqa: E402
-from reftune.models import load_causal_lm, load_tokenizer, merged_state_dict  # noqa: E402
+from reftune.models import ModelLoadError, is_quantized, load_causal_lm, load_tokenizer, merged_state_dict  # noqa: E402
 from reftune.trainers.lora import apply_lora  # noqa: E402
 from reftune.trainers.reft import ReFTConfig, run_reft  # noqa: E402
 from reftune.trainers.sft import SFTConfig, run_sft  # noqa: E402
@@ -45,9 +45,9 @@ def quantized_peft(path, quantize):
 
 
 @pytest.mark.parametrize("quantize", ["nf4", "int8"])
-def test_linear_layers_load_quantized_and_merge_into_a_plain_model(warmup_model, quantize, tmp_path):
-    model = quantized_peft(warmup_model, quantize)
-    plain = AutoModelForCausalLM.from_pretrained(warmup_model)
+def test_linear_layers_load_quantized_and_merge_into_a_plain_model(qlora_warmup_model, quantize, tmp_path):
+    model = quantized_peft(qlora_warmup_model, quantize)
+    plain = AutoModelForCausalLM.from_pretrained(qlora_warmup_model)
     packed = model.get_base_model().model.layers[0].mlp.up_proj.weight
     assert packed.dtype in (torch.uint8, torch.int8)  # stored quantized, not as fp32
     merged = merged_state_dict(model)
@@ -60,14 +60,14 @@ def test_linear_layers_load_quantized_and_merge_into_a_plain_model(warmup_model,
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids).logits, model(input_ids=ids).logits, atol=2e-2, rtol=0)
     # Quantization loses little: dequantized weights stay near the fp32 ones the base was loaded from.
-    w = AutoModelForCausalLM.from_pretrained(warmup_model).state_dict()["model.layers.0.mlp.up_proj.weight"]
+    w = AutoModelForCausalLM.from_pretrained(qlora_warmup_model).state_dict()["model.layers.0.mlp.up_proj.weight"]
     err = (merged["model.layers.0.mlp.up_proj.weight"] - w).abs().max() / w.abs().max()
     assert 0 < err < (0.2 if quantize == "nf4" else 0.02)
 
 
 @pytest.mark.parametrize("engine", ["static", "cached"])
-def test_built_in_engines_decode_a_quantized_policy_like_generate(warmup_model, small_task, engine):
-    model, tok = quantized_peft(warmup_model, "nf4"), load_tokenizer(warmup_model)
+def test_built_in_engines_decode_a_quantized_policy_like_generate(qlora_warmup_model, small_task, engine):
+    model, tok = quantized_peft(qlora_warmup_model, "nf4"), load_tokenizer(qlora_warmup_model)
     prompts = [small_task.prompt(ex, for_generation=True) for ex in small_task.test[:6]]
     ours = make_generator(engine, model, tok, 8).generate(prompts, greedy=True, max_new_tokens=20)
     hf = make_generator("hf", model, tok, 8).generate(prompts, greedy=True, max_new_tokens=20)
@@ -75,11 +75,11 @@ def test_built_in_engines_decode_a_quantized_policy_like_generate(warmup_model, 
 
 
 @pytest.mark.parametrize("quantize", ["nf4", "int8"])
-def test_qlora_reft_trains_adapters_only_and_saves_plain_checkpoints(warmup_model, small_task, quantize, tmp_path):
-    result = run_reft(reft_config(warmup_model, tmp_path / "run", lora_quantize=quantize), task=small_task)
+def test_qlora_reft_trains_adapters_only_and_saves_plain_checkpoints(qlora_warmup_model, small_task, quantize, tmp_path):
+    result = run_reft(reft_config(qlora_warmup_model, tmp_path / "run", lora_quantize=quantize), task=small_task)
     last = result["last_checkpoint"]
     assert "quantization_config" not in json.loads(open(f"{last}/config.json").read())  # loads without bitsandbytes
-    before, after = load_file(f"{warmup_model}/model.safetensors"), load_file(f"{last}/model.safetensors")
+    before, after = load_file(f"{qlora_warmup_model}/model.safetensors"), load_file(f"{last}/model.safetensors")
     assert before.keys() == after.keys()
     # Every quantized layer comes back dequantized (changed by rounding); only q/v moved beyond it.
     moved = {k for k in before if (before[k] - after[k]).abs().max() > 0.25 * before[k].abs().max()}
@@ -92,15 +92,15 @@ def test_qlora_reft_trains_adapters_only_and_saves_plain_checkpoints(warmup_mode
     assert result["history"][-1]["reft/kl"] != 0.0  # the adapters trained away from the reference
 
 
-def test_qlora_sft_checkpoints_train_the_adapters(warmup_model, small_task, tmp_path):
-    cfg = SFTConfig(model=warmup_model, data=small_data(), out_dir=str(tmp_path / "sft"), epochs=1, batch_size=16,
+def test_qlora_sft_checkpoints_train_the_adapters(qlora_warmup_model, small_task, tmp_path):
+    cfg = SFTConfig(model=qlora_warmup_model, data=small_data(), out_dir=str(tmp_path / "sft"), epochs=1, batch_size=16,
                     lr=1e-2, eval_split="none", device="cpu", progress=False, tensorboard=False,
                     lora_quantize="nf4", **LORA)
     path = run_sft(cfg, task=small_task)["checkpoints"][1]
     after = load_file(f"{path}/model.safetensors")
     # Against the quantized base with a zero adapter: the adapted layers moved, the others are the
     # same dequantized weights exactly.
-    base = merged_state_dict(apply_lora(load_causal_lm(warmup_model, CPU, torch.float32, quantize="nf4"),
+    base = merged_state_dict(apply_lora(load_causal_lm(qlora_warmup_model, CPU, torch.float32, quantize="nf4"),
                                         ReFTConfig(**LORA)))
     for key in after:  # (a tied LM head is saved once, as the embedding)
         if "q_proj" in key or "v_proj" in key:
@@ -109,8 +109,16 @@ def test_qlora_sft_checkpoints_train_the_adapters(warmup_model, small_task, tmp_
             torch.testing.assert_close(base[key], after[key], rtol=0, atol=0, msg=key)
 
 
-def test_lora_quantize_needs_lora(warmup_model, tmp_path):
+def test_lora_quantize_needs_lora(qlora_warmup_model, tmp_path):
     with pytest.raises(ValueError, match="lora_quantize.*lora_r > 0"):
-        reft_config(warmup_model, tmp_path / "x", lora_r=0).validate()
+        reft_config(qlora_warmup_model, tmp_path / "x", lora_r=0).validate()
     with pytest.raises(ValueError, match="lora_quantize"):
-        reft_config(warmup_model, tmp_path / "x", lora_quantize="int4").validate()
+        reft_config(qlora_warmup_model, tmp_path / "x", lora_quantize="int4").validate()
+
+
+def test_4bit_layers_narrower_than_a_block_are_refused_on_cpu(warmup_model):
+    """bitsandbytes' CPU kernels dequantize rows that are not whole 64-value blocks wrongly (the
+    32-wide tiny model), so such a base is refused with the layer named, not trained on bad weights."""
+    with pytest.raises(ModelLoadError, match=r"epoch-2.*q_proj: 32 input features are not a multiple of .*64-value"):
+        load_causal_lm(warmup_model, CPU, torch.float32, quantize="nf4")
+    assert is_quantized(load_causal_lm(warmup_model, CPU, torch.float32, quantize="int8"))  # 8-bit rows are fine
