@@ -427,7 +427,8 @@ def plan_run(cfg, world_size: int, gpu_memory_gib: float | None = None, model_sp
         kv = 0
     mem["activations"] = _activations(spec, b_train, S, a, checkpointing)
     mem["logits"] = {"reft": _logits(spec, b_train, S, R, a, chunk, "train"), "reward_model": 0}.get(
-        kind, _logits(spec, b_train, S, R, a, chunk, "ce"))  # a sequence classifier has no (b, S, V) logits
+        kind, _logits(spec, b_train, S, R, a, 0, "ce"))  # a sequence classifier has no (b, S, V) logits
+    # (the cross-entropy updates, SFT's and Online-ST's, never chunk: only log-prob passes do)
     mem["scoring"] = (_logits(spec, score_rows, S, R, a, chunk, "score")
                       + _activations(spec, score_rows, S, a, False) // spec.layers)
     mem["kv_cache"] = kv
