@@ -248,7 +248,7 @@ class RunPlan:
     model: str
     world_size: int
     strategy: str
-    per_device: dict  # rows per device: rollout_rows, mini_batch (ReFT, Online-ST), micro_batch (SFT), gen_batch
+    per_device: dict  # rows per device: rollout_rows, mini_batch (ReFT, Online-ST), micro_batch (SFT; ReFT with accumulation), gen_batch
     grad_accum: int
     global_batch: int  # sequences per optimizer step, all devices together
     optimizer_steps: int  # per iteration (ReFT, Online-ST) or per epoch (SFT)
@@ -386,11 +386,17 @@ def plan_run(cfg, world_size: int, gpu_memory_gib: float | None = None, model_sp
         if kind == "online_st":
             S = min(S, cfg.max_length)
         epochs = cfg.ppo_epochs if kind == "reft" else cfg.update_epochs
-        b_train = mb if kind == "reft" else 2 * mb  # Online-ST: each update holds own samples AND gold CoTs
+        micro = getattr(cfg, "micro_batch_size", 0) or mb  # ReFT's gradient accumulation
+        if mb % micro:
+            raise PlanError(f"micro_batch_size={micro} does not divide the {mb} rows per device of a mini-batch")
+        b_train = micro if kind == "reft" else 2 * mb  # Online-ST: each update holds own samples AND gold CoTs
         gen_rows = min(cfg.gen_batch_size, rows // W)
         score_rows = rows // W if kind == "reft" else 0
         per_device = {"rollout_rows": rows // W, "mini_batch": mb, "gen_batch": gen_rows}
-        grad_accum, global_batch, opt_steps = 1, cfg.mini_batch_size, math.ceil(rows / cfg.mini_batch_size) * epochs
+        if micro != mb:
+            per_device["micro_batch"] = micro
+        grad_accum, global_batch = mb // micro, cfg.mini_batch_size
+        opt_steps = math.ceil(rows / cfg.mini_batch_size) * epochs
     else:  # sft: each micro-batch of batch_size rows is split over the ranks (sft.share_rows)
         grad_accum = getattr(cfg, "grad_accum", 1)  # the reward model: no accumulation
         b_train, S, R = math.ceil(cfg.batch_size / W), cfg.max_length, cfg.max_length

@@ -65,13 +65,14 @@ def assert_close_runs(a: Path, b: Path, keys, atol=1e-4):
                 assert x[k] == pytest.approx(y[k], abs=atol, rel=1e-3), (k, x["step"], x[k], y[k])
 
 
-def assert_weights_close(wa: dict, wb: dict, lr: float = 1e-3) -> None:
+def assert_weights_close(wa: dict, wb: dict, lr: float = 1e-3, few: float = 1e-3) -> None:
     """Equal to float tolerance. AdamW divides each gradient by its own running scale, so for a
     weight whose gradient is ~0 the summation-order noise of a split batch can become a step of up
-    to lr: a handful of such elements may differ by ~lr; everything else agrees to 1e-5."""
+    to lr: a handful of such elements (a fraction below `few`) may differ by ~lr; everything else
+    agrees to 1e-5."""
     assert wa.keys() == wb.keys()
     diffs = torch.cat([(wa[k].float() - wb[k].float()).abs().flatten() for k in wa])
-    assert diffs.max() <= 4 * lr and (diffs > 1e-5).float().mean() < 1e-3, (diffs.max(), (diffs > 1e-5).sum())
+    assert diffs.max() <= 4 * lr and (diffs > 1e-5).float().mean() < few, (diffs.max(), (diffs > 1e-5).sum())
 
 
 @pytest.fixture(scope="module")
@@ -82,18 +83,22 @@ def reft_single(warmup_model, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
-def test_reft_two_processes_train_like_one(parallel, reft_single, warmup_model, tmp_path):
+@pytest.mark.parametrize("parallel, extra", [("ddp", []), ("fsdp2", []), ("ddp", ["micro_batch_size=4"])],
+                         ids=["ddp", "fsdp2", "ddp-accumulation"])
+def test_reft_two_processes_train_like_one(parallel, extra, reft_single, warmup_model, tmp_path):
+    """2 processes with half of each mini-batch (ddp-accumulation: that half as 2 micro-batches of
+    4) train like 1 process with the whole mini-batch of 16 in one pass."""
     out = tmp_path / parallel
     launch(["train", f"model={warmup_model}", f"out_dir={out}", "steps=3", "eval_every=3", "save_every=3",
-            f"parallel={parallel}", "engine=row_seeded_engine:RowSeededSampler", *REFT, *small_overrides()], 2)
+            f"parallel={parallel}", "engine=row_seeded_engine:RowSeededSampler", *REFT, *extra, *small_overrides()], 2)
     assert_close_runs(reft_single, out, ROW_MEANS)
     wa = weights(reft_single / "checkpoints" / "step-000003" / "policy")
     wb = weights(out / "checkpoints" / "step-000003" / "policy")
     start = weights(Path(warmup_model))
     assert wa.keys() == wb.keys()
     assert any(not torch.equal(wa[k], start[k]) for k in wa)  # it trained
-    assert_weights_close(wa, wb)
+    # (measured: 11 of 30,240 elements beyond 1e-5 for ddp and fsdp2, 34 with accumulation's second split)
+    assert_weights_close(wa, wb, few=2e-3 if extra else 1e-3)
     assert torch.load(out / "checkpoints" / "step-000003" / "value_head.pt")["linear.weight"].abs().sum() > 0
     assert json.loads((out / "result.json").read_text())["history"][-1]["step"] == 3
 

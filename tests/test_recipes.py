@@ -361,6 +361,20 @@ def test_reference_copy_and_sharding_rules():
     assert z2["weights"] == one["weights"] and z2["grads"] == pytest.approx(one["grads"] / 4)
 
 
+def test_reft_gradient_accumulation_plans_smaller_micro_batches():
+    """micro_batch_size m: each device runs its mini-batch share as share/m forwards of m rows, so the
+    activations and logits scale by m/share; the optimizer step and the global batch stay."""
+    cfg = ReFTConfig(model="Qwen/Qwen2.5-0.5B", questions_per_step=32, mini_batch_size=8, dtype="float32")
+    whole, acc = P.plan_run(cfg, 2), P.plan_run(dataclasses.replace(cfg, micro_batch_size=2), 2)
+    assert (whole.grad_accum, acc.grad_accum) == (1, 2) and whole.global_batch == acc.global_batch == 8
+    assert acc.per_device["micro_batch"] == 2 and "micro_batch" not in whole.per_device
+    assert acc.optimizer_steps == whole.optimizer_steps
+    for key in ("activations", "logits"):
+        assert acc.memory_gib[key] == pytest.approx(whole.memory_gib[key] / 2), key
+    with pytest.raises(P.PlanError, match="micro_batch_size=4 does not divide the 2 rows per device"):
+        P.plan_run(dataclasses.replace(cfg, micro_batch_size=4), 4)
+
+
 def test_impossible_plans_are_clear_errors():
     cfg = ReFTConfig(model="Qwen/Qwen2.5-0.5B", questions_per_step=30, mini_batch_size=8)
     with pytest.raises(P.PlanError, match="questions_per_step=30 does not split over 4 devices"):

@@ -247,6 +247,30 @@ def test_old_logprobs_from_the_engine_train_like_a_recomputed_pass(warmup_model,
     assert any(not torch.equal(start[k], wb[k]) for k in start)
 
 
+@pytest.mark.parametrize("micro", [2, 4], ids=["micro-2", "micro-4-whole-groups"])
+def test_gradient_accumulation_trains_like_one_mini_batch(micro, warmup_model, parity_task, tmp_path):
+    """micro_batch_size: each mini-batch of 8 rows as 4 x 2 (groups split, no prompt sharing) or
+    2 x 4 (whole groups of 4 samples) micro-batches, the losses weighted by their share of the
+    responses, trains to the same weights and losses as one pass over the mini-batch."""
+    common = dict(samples_per_prompt=4, questions_per_step=4, mini_batch_size=8, value_dropout=0.0, ppo_epochs=2,
+                  critic_warmup_steps=1)  # the value-head-only first step goes through micro-batches too
+    a = run_reft(reft_config(warmup_model, tmp_path / "a", **common), task=parity_task)
+    b = run_reft(reft_config(warmup_model, tmp_path / "b", micro_batch_size=micro, **common), task=parity_task)
+    for x, y in zip(a["history"], b["history"], strict=True):
+        assert x["reft/score"] == y["reft/score"]
+        for key in ("reft/pg_loss", "reft/vf_loss", "reft/kl"):
+            assert x[key] == pytest.approx(y[key], abs=1e-5), key
+    wa, wb = weights(a["last_checkpoint"]), weights(b["last_checkpoint"])
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0, msg=k)
+    assert any(not torch.equal(v, wb[k]) for k, v in weights(warmup_model).items())  # it trained
+
+
+def test_micro_batch_must_divide_the_mini_batch(warmup_model, tmp_path):
+    with pytest.raises(ValueError, match="micro_batch_size.*does not divide mini_batch_size=8"):
+        reft_config(warmup_model, tmp_path / "x", mini_batch_size=8, micro_batch_size=3).validate()
+
+
 def test_resume_without_checkpoint_is_an_error(warmup_model, parity_task, tmp_path):
     with pytest.raises(FileNotFoundError, match="latest.json"):
         run_reft(reft_config(warmup_model, tmp_path / "run"), resume=True, task=parity_task)

@@ -60,6 +60,8 @@ class ReFTConfig(OnlineConfig):
     """Dropout before the value head's linear layer."""
     engine_old_logprobs: bool = False
     """Take PPO's old log-probs and values from the engine's own decoding passes where it computes them (engine=static; not under mixed precision or fsdp2) instead of one more no-grad pass."""
+    micro_batch_size: int = 0
+    """Rows per forward and backward within each process's share of a mini-batch, gradients accumulated over them (0: the whole share at once); the same update to float rounding."""
     critic_warmup_steps: int = 0
     """First iterations that train only the value head (on detached hidden states; the policy stays put), so PPO starts with a fitted critic instead of V=0."""
     kl_coef: float | None = None
@@ -93,6 +95,9 @@ class ReFTConfig(OnlineConfig):
         c.str("ref_model").int("ppo_epochs", 1).float("gamma", 0.0, 1.0).float("lam", 0.0, 1.0)
         c.float("clip", 0.0, lo_open=True).float("vf_clip", 0.0, lo_open=True).float("vf_coef", 0.0)
         c.float("value_dropout", 0.0, 1.0, hi_open=True).choice("kl_estimator", KL_ESTIMATORS).int("critic_warmup_steps", 0)
+        c.int("micro_batch_size", 0, note="0: no gradient accumulation")
+        if self.micro_batch_size and self.mini_batch_size % self.micro_batch_size:
+            c.fail("micro_batch_size", f"does not divide mini_batch_size={self.mini_batch_size}")
         if self.kl_coef is not None:
             c.float("kl_coef", 0.0, note="null: the release's default for the CoT style")
         c.bool("whiten_advantages", "kl_in_reward").float("score_correct").float("score_wrong").float("score_none")
@@ -128,13 +133,18 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
     mini_batch = cfg.mini_batch_size // run.dist.world_size  # rows per process in each mini-batch
     if mini_batch * run.dist.world_size != cfg.mini_batch_size:
         raise ValueError(f"mini_batch_size={cfg.mini_batch_size} does not split over {run.dist.world_size} processes")
+    micro = cfg.micro_batch_size or mini_batch  # rows per forward + backward
+    if mini_batch % micro:
+        raise ValueError(f"micro_batch_size={micro} does not divide the {mini_batch} rows each of the "
+                         f"{run.dist.world_size} processes takes from a mini-batch of {cfg.mini_batch_size}")
     reduce = run.dist.all_reduce_sum if run.dist.enabled else None
-    # Each question's samples are one group of rows. Mini-batches hold whole groups, so the
+    # Each question's samples are one group of rows. (Micro-)batches hold whole groups, so the
     # forward passes can run each prompt once (policy.shared_prompt_forward): always without
     # gradients, and with them in one process (a DDP/FSDP wrapper expects one forward per backward).
     group = cfg.samples_per_prompt if mini_batch % cfg.samples_per_prompt == 0 else 1
     shared = group if group > 1 and not cfg.gradient_checkpointing and not cfg.logprob_chunk_size else 1
-    shared_grad = shared if not run.dist.enabled else 1
+    shared_micro = shared if micro % shared == 0 else 1  # micro-batches of whole groups
+    shared_grad = shared_micro if not run.dist.enabled else 1
     # The static engine decodes with the live policy: its log-probs of the sampled tokens are the old
     # ones (up to float rounding; not so under bf16 autocast), and given the value head it also
     # returns the old values. (Under fsdp2 the value head is sharded: its forward is a collective.)
@@ -188,34 +198,43 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
         lm, value_fn = (model, DetachedInput(critic)) if warming else (policy, critic)
         for _ in range(cfg.ppo_epochs):
             for idx in shuffled_groups(B, group).split(mini_batch):
-                # The mini-batch cut to its longest response: the columns after it are padding of
-                # every row, and causal attention keeps them out of the earlier positions anyway.
-                width = max(int(response_mask[idx].sum(-1).max()), 1)
-                mb = lambda t: t[idx][:, :width]  # noqa: E731  (a per-token tensor of this mini-batch)
-                mb_mask = mb(response_mask)
-                with autocast(amp, device):
-                    logprobs, values, token_entropy = policy_forward(
-                        lm, value_fn, input_ids[idx][:, :P + width], attention_mask[idx][:, :P + width],
-                        mb(ro.response_ids), P, cfg.temperature, cfg.logprob_chunk_size, with_entropy=True,
-                        group_size=shared if warming else shared_grad)
-                pg_loss, pg_stats = A.ppo_policy_loss(logprobs, mb(old_logprobs), mb(advantages), mb_mask, cfg.clip)
-                loss = pg_loss.detach() * 0.0 if warming else pg_loss
-                if value_head is not None:
-                    vf_loss, vf_stats = A.ppo_value_loss(values, mb(old_values), mb(returns), mb_mask, cfg.vf_clip)
-                    loss = loss + cfg.vf_coef * vf_loss
-                    pg_stats = {**pg_stats, **vf_stats, "vf_loss": vf_loss.detach()}
-                if cfg.kl_in_loss and not warming:
-                    kl_loss = A.sequence_mean(A.kl_penalty(logprobs, mb(ref_logprobs), cfg.kl_estimator), mb_mask)
-                    loss = loss + kl_coef * kl_loss
-                if not torch.isfinite(loss):
-                    run.fail("loss", loss.item(), step)
+                # The losses are means over non-empty responses: each micro-batch's is weighted by
+                # its share of them, so the accumulated gradient is the whole mini-batch's.
+                nonempty = (response_mask.sum(-1) > 0).float()
+                total = max(float(nonempty[idx].sum()), 1.0)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                summed: dict[str, float] = {}
+                for micro_idx in idx.split(micro):
+                    weight = float(nonempty[micro_idx].sum()) / total
+                    # The micro-batch cut to its longest response: the columns after it are padding
+                    # of every row, and causal attention keeps them out of the earlier positions.
+                    width = max(int(response_mask[micro_idx].sum(-1).max()), 1)
+                    mb = lambda t: t[micro_idx][:, :width]  # noqa: E731  (a per-token tensor of this micro-batch)
+                    mb_mask = mb(response_mask)
+                    with autocast(amp, device):
+                        logprobs, values, token_entropy = policy_forward(
+                            lm, value_fn, input_ids[micro_idx][:, :P + width], attention_mask[micro_idx][:, :P + width],
+                            mb(ro.response_ids), P, cfg.temperature, cfg.logprob_chunk_size, with_entropy=True,
+                            group_size=shared_micro if warming else shared_grad)
+                    pg_loss, pg_stats = A.ppo_policy_loss(logprobs, mb(old_logprobs), mb(advantages), mb_mask, cfg.clip)
+                    loss = pg_loss.detach() * 0.0 if warming else pg_loss
+                    if value_head is not None:
+                        vf_loss, vf_stats = A.ppo_value_loss(values, mb(old_values), mb(returns), mb_mask, cfg.vf_clip)
+                        loss = loss + cfg.vf_coef * vf_loss
+                        pg_stats = {**pg_stats, **vf_stats, "vf_loss": vf_loss.detach()}
+                    if cfg.kl_in_loss and not warming:
+                        kl_loss = A.sequence_mean(A.kl_penalty(logprobs, mb(ref_logprobs), cfg.kl_estimator), mb_mask)
+                        loss = loss + kl_coef * kl_loss
+                    if not torch.isfinite(loss):
+                        run.fail("loss", loss.item(), step)
+                    (loss * weight).backward()
+                    entropy = A.masked_mean(token_entropy, mb_mask)
+                    for k, v in {**pg_stats, "pg_loss": pg_loss.detach(), "entropy": entropy}.items():
+                        summed[k] = summed.get(k, 0.0) + weight * scalar(v)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                entropy = A.masked_mean(token_entropy, mb_mask)
                 optimizer.step()
-                for k, v in {**pg_stats, "pg_loss": pg_loss.detach(), "entropy": entropy, "grad_norm": grad_norm}.items():
-                    stats.setdefault(k, []).append(scalar(v))
+                for k, v in {**summed, "grad_norm": scalar(grad_norm)}.items():
+                    stats.setdefault(k, []).append(v)
 
         # 7. Metrics of this iteration.
         n_rows = len(scored.graded)
