@@ -17,6 +17,7 @@ What the loop does with it (see `loop.py`):
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -136,6 +137,21 @@ def wrap(module: torch.nn.Module, dist: Dist) -> torch.nn.Module:
         fully_shard(layer)
     fully_shard(module)
     return module
+
+
+@contextlib.contextmanager
+def gradient_sync(modules, sync: bool):
+    """Forwards and backwards of `modules` (their `wrap`s; None entries skipped) with their gradient
+    all-reduce held back when not `sync`: ddp's `no_sync`, so the micro-batches before a
+    mini-batch's last accumulate locally and the last backward reduces their sum. fsdp2 keeps
+    reducing every backward (its reduce-scatter adds into the sharded gradients; holding it back
+    would keep whole unsharded gradients, the memory that micro-batches are there to save)."""
+    with contextlib.ExitStack() as stack:
+        if not sync:
+            for m in modules:
+                if hasattr(m, "no_sync"):
+                    stack.enter_context(m.no_sync())
+        yield
 
 
 def scalar(t) -> float:

@@ -20,7 +20,7 @@ from reftune.rewards.score import RewardSpec
 from reftune.tasks import Task
 from reftune.trainers import algorithms as A
 from reftune.trainers.advantages import get_estimator
-from reftune.trainers.distributed import scalar
+from reftune.trainers.distributed import gradient_sync, scalar
 from reftune.trainers.lora import is_peft, reference_mode
 from reftune.trainers.loop import Callbacks, OnlineConfig, OnlineRun
 from reftune.trainers.policy import ValueHead, frozen_forward, policy_forward
@@ -204,33 +204,39 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
                 total = max(float(nonempty[idx].sum()), 1.0)
                 optimizer.zero_grad(set_to_none=True)
                 summed: dict[str, float] = {}
-                for micro_idx in idx.split(micro):
-                    weight = float(nonempty[micro_idx].sum()) / total
-                    # The micro-batch cut to its longest response: the columns after it are padding
-                    # of every row, and causal attention keeps them out of the earlier positions.
-                    width = max(int(response_mask[micro_idx].sum(-1).max()), 1)
-                    mb = lambda t: t[micro_idx][:, :width]  # noqa: E731  (a per-token tensor of this micro-batch)
-                    mb_mask = mb(response_mask)
-                    with autocast(amp, device):
-                        logprobs, values, token_entropy = policy_forward(
-                            lm, value_fn, input_ids[micro_idx][:, :P + width], attention_mask[micro_idx][:, :P + width],
-                            mb(ro.response_ids), P, cfg.temperature, cfg.logprob_chunk_size, with_entropy=True,
-                            group_size=shared_micro if warming else shared_grad)
-                    pg_loss, pg_stats = A.ppo_policy_loss(logprobs, mb(old_logprobs), mb(advantages), mb_mask, cfg.clip)
-                    loss = pg_loss.detach() * 0.0 if warming else pg_loss
-                    if value_head is not None:
-                        vf_loss, vf_stats = A.ppo_value_loss(values, mb(old_values), mb(returns), mb_mask, cfg.vf_clip)
-                        loss = loss + cfg.vf_coef * vf_loss
-                        pg_stats = {**pg_stats, **vf_stats, "vf_loss": vf_loss.detach()}
-                    if cfg.kl_in_loss and not warming:
-                        kl_loss = A.sequence_mean(A.kl_penalty(logprobs, mb(ref_logprobs), cfg.kl_estimator), mb_mask)
-                        loss = loss + kl_coef * kl_loss
-                    if not torch.isfinite(loss):
-                        run.fail("loss", loss.item(), step)
-                    (loss * weight).backward()
-                    entropy = A.masked_mean(token_entropy, mb_mask)
-                    for k, v in {**pg_stats, "pg_loss": pg_loss.detach(), "entropy": entropy}.items():
-                        summed[k] = summed.get(k, 0.0) + weight * scalar(v)
+                micros = idx.split(micro)
+                for i, micro_idx in enumerate(micros):
+                    with gradient_sync((policy, critic), sync=i == len(micros) - 1):  # ddp: one all-reduce
+                        weight = float(nonempty[micro_idx].sum()) / total
+                        # The micro-batch cut to its longest response: the columns after it are padding
+                        # of every row, and causal attention keeps them out of the earlier positions.
+                        width = max(int(response_mask[micro_idx].sum(-1).max()), 1)
+                        mb = lambda t: t[micro_idx][:, :width]  # noqa: E731  (a per-token tensor, this micro-batch's)
+                        mb_mask = mb(response_mask)
+                        with autocast(amp, device):
+                            logprobs, values, token_entropy = policy_forward(
+                                lm, value_fn, input_ids[micro_idx][:, :P + width],
+                                attention_mask[micro_idx][:, :P + width], mb(ro.response_ids), P, cfg.temperature,
+                                cfg.logprob_chunk_size, with_entropy=True,
+                                group_size=shared_micro if warming else shared_grad)
+                        pg_loss, pg_stats = A.ppo_policy_loss(logprobs, mb(old_logprobs), mb(advantages), mb_mask,
+                                                              cfg.clip)
+                        loss = pg_loss.detach() * 0.0 if warming else pg_loss
+                        if value_head is not None:
+                            vf_loss, vf_stats = A.ppo_value_loss(values, mb(old_values), mb(returns), mb_mask,
+                                                                 cfg.vf_clip)
+                            loss = loss + cfg.vf_coef * vf_loss
+                            pg_stats = {**pg_stats, **vf_stats, "vf_loss": vf_loss.detach()}
+                        if cfg.kl_in_loss and not warming:
+                            policy_kl = A.kl_penalty(logprobs, mb(ref_logprobs), cfg.kl_estimator)
+                            kl_loss = A.sequence_mean(policy_kl, mb_mask)
+                            loss = loss + kl_coef * kl_loss
+                        if not torch.isfinite(loss):
+                            run.fail("loss", loss.item(), step)
+                        (loss * weight).backward()
+                        entropy = A.masked_mean(token_entropy, mb_mask)
+                        for k, v in {**pg_stats, "pg_loss": pg_loss.detach(), "entropy": entropy}.items():
+                            summed[k] = summed.get(k, 0.0) + weight * scalar(v)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 for k, v in {**summed, "grad_norm": scalar(grad_norm)}.items():
