@@ -94,8 +94,7 @@ class ReFTConfig(OnlineConfig):
         c = Checks(self, prefix)
         c.str("ref_model").int("ppo_epochs", 1).float("gamma", 0.0, 1.0).float("lam", 0.0, 1.0)
         c.float("clip", 0.0, lo_open=True).float("vf_clip", 0.0, lo_open=True).float("vf_coef", 0.0)
-        c.float("value_dropout", 0.0, 1.0, hi_open=True).choice("kl_estimator", KL_ESTIMATORS)
-        c.int("critic_warmup_steps", 0, max(self.steps - 1, 0), note="fewer than steps: the rest are PPO's")
+        c.float("value_dropout", 0.0, 1.0, hi_open=True).choice("kl_estimator", KL_ESTIMATORS).int("critic_warmup_steps", 0)
         c.int("micro_batch_size", 0, note="0: no gradient accumulation")
         if self.micro_batch_size and self.mini_batch_size % self.micro_batch_size:
             c.fail("micro_batch_size", f"does not divide mini_batch_size={self.mini_batch_size}")
