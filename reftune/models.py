@@ -5,6 +5,7 @@ or local folder (model and tokenizer, with messages that name the path), and sav
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 import torch
@@ -75,11 +76,18 @@ def quantization_config(quantize: str, dtype: torch.dtype):
         return None
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+    # On an AVX512-BF16 CPU, bitsandbytes warns at import that an optional fused-kernel package is
+    # missing; that kernel serves the CPU repack `_check_4bit_layers` turns off, so the warning is noise.
+    cpu_ops_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_ops_log.level
+    cpu_ops_log.setLevel(logging.ERROR)
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise ImportError(f"lora_quantize={quantize} needs the bitsandbytes package: pip install bitsandbytes "
                           f"(or reftune[qlora])") from None
+    finally:
+        cpu_ops_log.setLevel(level)
     from transformers import BitsAndBytesConfig
 
     if quantize == "int8":

@@ -196,11 +196,11 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
         # (no gradient reaches it, so a DDP wrapper must not wait for one).
         warming = value_head is not None and step < cfg.critic_warmup_steps
         lm, value_fn = (model, DetachedInput(critic)) if warming else (policy, critic)
+        # The losses are means over non-empty responses: each micro-batch's is weighted by its share
+        # of its mini-batch's, so the accumulated gradient is the whole mini-batch's.
+        nonempty = (response_mask.sum(-1) > 0).float()
         for _ in range(cfg.ppo_epochs):
             for idx in shuffled_groups(B, group).split(mini_batch):
-                # The losses are means over non-empty responses: each micro-batch's is weighted by
-                # its share of them, so the accumulated gradient is the whole mini-batch's.
-                nonempty = (response_mask.sum(-1) > 0).float()
                 total = max(float(nonempty[idx].sum()), 1.0)
                 optimizer.zero_grad(set_to_none=True)
                 summed: dict[str, float] = {}
