@@ -1,7 +1,7 @@
 """One PPO iteration's compute, fp32 against bf16 autocast (`mixed_precision=bf16`), same run, same data.
 
     .venv/bin/python bench/bench_mixed_precision.py [--sft-epochs 2] [--questions 32] [--samples 4]
-                                                    [--mini-batch 64] [--repeats 5] [--threads 0]
+                                                    [--mini-batch 32] [--repeats 5] [--threads 0]
 
 Model: the demo's tiny Llama after `--sft-epochs` of SFT on the demo task (so its CoTs have
 realistic lengths and end with EOS). One rollout batch (`--questions` x `--samples` sampled CoTs)
@@ -31,9 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from reftune.trainers import algorithms as A  # noqa: E402
 from reftune.demo import _demo_data  # noqa: E402
-from reftune.engines.base import CachedSampler  # noqa: E402
-from reftune.models import ValueHead, autocast, cpu_has_native_bf16, load_causal_lm, load_tokenizer  # noqa: E402
-from reftune.trainers.reft import policy_forward  # noqa: E402
+from reftune.engines.static import StaticSampler  # noqa: E402
+from reftune.models import autocast, cpu_has_native_bf16, load_causal_lm, load_tokenizer  # noqa: E402
+from reftune.trainers.policy import ValueHead, policy_forward  # noqa: E402
+from reftune.rewards.score import RewardSpec  # noqa: E402
 from reftune.trainers.rollout import sample_and_score  # noqa: E402
 from reftune.trainers.sft import SFTConfig, run_sft  # noqa: E402
 from reftune.tasks import load_task  # noqa: E402
@@ -42,17 +43,18 @@ from reftune.tiny import TinyModelConfig, build_tiny_model, tokenizer_corpus  # 
 CPU = torch.device("cpu")
 
 
-def iteration_compute(model, ref_model, value_head, ro, mini_batch: int, amp: bool) -> float:
-    """Seconds for the no-grad forwards and one PPO epoch of forward+backward (no optimizer step)."""
+def iteration_compute(model, ref_model, value_head, ro, mini_batch: int, amp: bool, group: int) -> float:
+    """Seconds for the no-grad forwards and one PPO epoch of forward+backward (no optimizer step),
+    each question's prompt run once for its `group` samples (as `run_reft` does on one process)."""
     P = ro.prompt_ids.shape[1]
     start = time.perf_counter()
     with torch.no_grad(), autocast(amp, CPU):
-        policy_forward(model, value_head, ro.input_ids, ro.attention_mask, ro.response_ids, P)
-        policy_forward(ref_model, None, ro.input_ids, ro.attention_mask, ro.response_ids, P)
+        policy_forward(model, value_head, ro.input_ids, ro.attention_mask, ro.response_ids, P, group_size=group)
+        policy_forward(ref_model, None, ro.input_ids, ro.attention_mask, ro.response_ids, P, group_size=group)
     for idx in torch.arange(ro.input_ids.shape[0]).split(mini_batch):
         with autocast(amp, CPU):
             logprobs, values, _ = policy_forward(model, value_head, ro.input_ids[idx], ro.attention_mask[idx],
-                                                 ro.response_ids[idx], P)
+                                                 ro.response_ids[idx], P, group_size=group)
         mask = ro.response_mask[idx].float()
         (A.masked_mean(logprobs, mask) + A.masked_mean(values, mask)).backward()
     model.zero_grad(set_to_none=True)
@@ -65,7 +67,7 @@ def main() -> None:
     ap.add_argument("--sft-epochs", type=int, default=2)
     ap.add_argument("--questions", type=int, default=32)
     ap.add_argument("--samples", type=int, default=4)
-    ap.add_argument("--mini-batch", type=int, default=64)
+    ap.add_argument("--mini-batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
@@ -85,8 +87,8 @@ def main() -> None:
         model = load_causal_lm(str(path), CPU, torch.float32)
         ref_model = load_causal_lm(str(path), CPU, torch.float32).eval().requires_grad_(False)
     value_head = ValueHead(model.config.hidden_size)
-    ro = sample_and_score(CachedSampler(model, tokenizer, 64, seed=0), task, task.train[:args.questions],
-                          args.samples, 1.0, 1.0, 100, dict(correct=1.0, wrong=0.1, none=0.0)).rollout
+    ro = sample_and_score(StaticSampler(model, tokenizer, 64, seed=0), task, task.train[:args.questions],
+                          args.samples, 1.0, 1.0, 64, RewardSpec()).rollout
     print(f"rollout batch {tuple(ro.input_ids.shape)}, {int(ro.response_mask.sum())} response tokens")
 
     P = ro.prompt_ids.shape[1]
@@ -100,10 +102,10 @@ def main() -> None:
 
     times = {False: [], True: []}
     for amp in (False, True):  # one untimed call each
-        iteration_compute(model, ref_model, value_head, ro, args.mini_batch, amp)
+        iteration_compute(model, ref_model, value_head, ro, args.mini_batch, amp, args.samples)
     for _ in range(args.repeats):
         for amp in (False, True):
-            times[amp].append(iteration_compute(model, ref_model, value_head, ro, args.mini_batch, amp))
+            times[amp].append(iteration_compute(model, ref_model, value_head, ro, args.mini_batch, amp, args.samples))
     fp32, bf16 = statistics.median(times[False]), statistics.median(times[True])
     print(f"{'precision':10s} {'seconds/iteration':>18s}")
     print(f"{'fp32':10s} {fp32:18.3f}")

@@ -103,42 +103,72 @@ def test_online_st_ce_batch_covers_only_correct_samples_and_gold(small_task, tin
 
     tok = load_tokenizer(tiny_model)
     q1, q2 = small_task.train[0], small_task.train[1]
-    # two samples per question: rows 0,1 -> q1, rows 2,3 -> q2; rows 1 and 2 are correct
-    texts = ["def solution():\n    return 1", "def solution():\n    return 2",
-             "def solution():\n    return 3", "def solution():\n    return 4"]
-    scored = synthetic_scored(small_task, [q1, q1, q2, q2], texts, [False, True, True, False])
+    # three samples per question: rows 0-2 -> q1, rows 3-5 -> q2. Correct: rows 1 and 2 (the same CoT),
+    # row 3 (q2's gold CoT itself) and row 4.
+    texts = ["def solution():\n    return 1", "def solution():\n    return 2", "def solution():\n    return 2",
+             q2.cot, "def solution():\n    return 4", "def solution():\n    return 5"]
+    scored = synthetic_scored(small_task, [q1, q1, q1, q2, q2, q2], texts, [False, True, True, True, True, False])
     batch = build_ce_batch(small_task, scored, tok, max_length=512)
-    assert batch.own_rows == [1, 2] and batch.gold_ids == [q1.id, q2.id]
-    assert [labelled_text(tok, *x) for x in batch.own] == [texts[1], texts[2]]
-    assert [labelled_text(tok, *x) for x in batch.gold] == [q1.cot, q2.cot]
+    assert [q.id for q in batch] == [q1.id, q2.id]
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    assert [decode(t) for t in batch[0].targets] == [q1.cot, texts[1]]
+    assert (batch[0].gold_count, batch[0].own_count) == ([1, 0], [0, 2])  # the twice-sampled CoT: one row, counted twice
+    assert [decode(t) for t in batch[1].targets] == [q2.cot, texts[4]]
+    assert (batch[1].gold_count, batch[1].own_count) == ([1, 0], [1, 1])  # the sample equal to the gold shares its row
     # the loss covers the CoT and the EOS, never the prompt
-    for (ids, labels), ex in zip(batch.own + batch.gold, [q1, q2, q1, q2]):
-        n_prompt = len(tok(small_task.prompt(ex), add_special_tokens=False)["input_ids"])
-        assert all(lab == IGNORE for lab in labels[:n_prompt]) and labels[-1] == tok.eos_token_id
-        assert all(lab != IGNORE for lab in labels[n_prompt:])
-    # nothing correct: only the gold term
+    for q, ex in zip(batch, (q1, q2)):
+        assert q.prompt == tok(small_task.prompt(ex), add_special_tokens=False)["input_ids"]
+        assert all(t[-1] == tok.eos_token_id for t in q.targets)
+    # nothing correct: only the gold rows
     none = build_ce_batch(small_task, synthetic_scored(small_task, [q1, q2], texts[:2], [False, False]), tok, 512)
-    assert none.own == [] and none.gold_ids == [q1.id, q2.id]
+    assert [(q.id, len(q.targets), q.own_count) for q in none] == [(q1.id, 1, [0]), (q2.id, 1, [0])]
 
 
-def test_token_mean_ce_of_several_lists_in_one_forward(small_task, tiny_model):
-    """One padded forward over gold + own gives each list's own token-mean CE, exactly what
-    `sft_loss` gives for that list alone (right padding never changes the real tokens' logits)."""
+@pytest.mark.parametrize("share_prompts", [True, False], ids=["shared-prompts", "full-rows"])
+def test_question_ce_is_the_token_mean_ce_of_every_copy(small_task, tiny_model, share_prompts):
+    """The weighted rows give what `sft_loss` gives over the rows with every copy written out, per
+    term, and the same gradients: a row counted n times is n copies of it. Prompts run once
+    (`share_prompts`) or with every row; questions have different numbers of rows."""
     from transformers import AutoModelForCausalLM
 
     from reftune.models import load_tokenizer
-    from reftune.trainers.supervised import collate, encode_sft_example, sft_loss, token_mean_ce
+    from reftune.trainers.online_st import QuestionCE, question_ce
+    from reftune.trainers.supervised import collate, encode_sft_example, sft_loss
 
     tok = load_tokenizer(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    enc = [encode_sft_example(tok, small_task.prompt(ex), small_task.target(ex), 512) for ex in small_task.train[:5]]
-    gold, own = enc[:2], enc[2:]
-    with torch.no_grad():
-        gold_loss, own_loss, empty = token_mean_ce(model, [gold, own, []], tok.pad_token_id, torch.device("cpu"))
-        for part, got in ((gold, gold_loss), (own, own_loss)):
-            loss_sum, n = sft_loss(model, collate(part, tok.pad_token_id))
-            torch.testing.assert_close(got, loss_sum / n)
-    assert empty is None
+    ex = small_task.train[:3]
+    other = [small_task.target(e) for e in small_task.train[3:6]]
+    rows = {  # question -> (CoT text, gold count, own count)
+        0: [(small_task.target(ex[0]), 1, 2), (other[0], 0, 1)],
+        1: [(small_task.target(ex[1]), 1, 0)],
+        2: [(small_task.target(ex[2]), 1, 0), (other[1], 0, 3), (other[2], 0, 1)],
+    }
+    questions, gold, own = [], [], []
+    for i, cots in rows.items():
+        enc = [encode_sft_example(tok, small_task.prompt(ex[i]), cot, 512) for cot, _, _ in cots]
+        n_prompt = sum(lab == -100 for lab in enc[0][1])
+        questions.append(QuestionCE(ex[i].id, enc[0][0][:n_prompt], [ids[n_prompt:] for ids, _ in enc],
+                                    [g for _, g, _ in cots], [o for _, _, o in cots]))
+        for e, (_, g, o) in zip(enc, cots):
+            gold += [e] * g
+            own += [e] * o
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    gold_loss, own_loss = question_ce(model, questions, tok.pad_token_id, torch.device("cpu"), share_prompts)
+    got = grads(gold_loss + 2 * own_loss)
+    want_gold, want_own = (s / n for s, n in (sft_loss(model, collate(part, tok.pad_token_id)) for part in (gold, own)))
+    torch.testing.assert_close(gold_loss, want_gold)
+    torch.testing.assert_close(own_loss, want_own)
+    for g, w in zip(got, grads(want_gold + 2 * want_own)):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    # no own row at all: the own term is None
+    only_gold = [QuestionCE(q.id, q.prompt, q.targets[:1], [1], [0]) for q in questions]
+    assert question_ce(model, only_gold, tok.pad_token_id, torch.device("cpu"), share_prompts)[1] is None
 
 
 def test_split_even_and_config_from_reft():

@@ -6,7 +6,10 @@ of the same questions, half and half. No value head, no reference model, no KL.
     (only the gold term when no sample of the step is correct)
 
 Each CE is a token mean over its part of the mini-batch (like SFT), so the two halves weigh the
-same whatever their lengths and counts.
+same whatever their lengths and counts. Mini-batches hold whole questions (as ReFT's): a
+question's gold CoT and its correct samples train together, identical CoTs form one row counted as
+often as they occur (late in a run most correct samples equal the gold CoT), and each question's
+prompt runs once for its rows.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from reftune.tasks import Task
 from reftune.trainers.loop import Callbacks, OnlineConfig, OnlineRun
 from reftune.trainers.distributed import scalar
 from reftune.trainers.rollout import sample_and_score
-from reftune.trainers.supervised import encode_sft_example, token_mean_ce
+from reftune.batching import pad_with_mask
+from reftune.trainers.policy import forward_logits_values, shared_prompt_forward
+from reftune.trainers.supervised import IGNORE, encode_sft_example
 
 
 @dataclass
@@ -59,37 +64,84 @@ def online_st_config_from_reft(reft_cfg, **overrides) -> OnlineSTConfig:
 
 
 @dataclass
-class CEBatch:
-    """The cross-entropy data of one step, encoded as (ids, labels) pairs (labels IGNORE on prompts)."""
+class QuestionCE:
+    """One question's cross-entropy rows: its gold CoT and its distinct correct samples, each once,
+    with how many times each row counts in the gold term and in the own term (a sample equal to the
+    gold CoT shares its row)."""
 
-    own: list[tuple[list[int], list[int]]]
-    """The model's own correct samples."""
-    own_rows: list[int]
-    """Rollout row of each own sample."""
-    gold: list[tuple[list[int], list[int]]]
-    """The gold CoT of each distinct question of the step."""
-    gold_ids: list[str]
-    """Example id of each gold CoT."""
+    id: str
+    """Example id of the question."""
+    prompt: list[int]
+    """Prompt token ids (no loss on them)."""
+    targets: list[list[int]]
+    """Distinct CoT + EOS token ids, the gold CoT first."""
+    gold_count: list[int]
+    """Times each target counts in the gold CE: 1 for the gold CoT, 0 for the others."""
+    own_count: list[int]
+    """Times each target counts in the own CE: how many of the question's correct samples it is."""
 
 
-def build_ce_batch(task: Task, scored, tokenizer, max_length: int) -> CEBatch:
-    """Own correct samples (graded correct, i.e. reward == score_correct) and the gold CoTs of the
-    step's questions, encoded like SFT data: prompt + full CoT + EOS, loss on the CoT and EOS.
+def build_ce_batch(task: Task, scored, tokenizer, max_length: int) -> list[QuestionCE]:
+    """Per distinct question of the step (in rollout order): its gold CoT and its own correct samples
+    (graded correct, i.e. reward == score_correct), encoded like SFT data (prompt + full CoT + EOS,
+    loss on the CoT and EOS) and merged where their tokens are equal.
 
     Samples are re-tokenised from their text (as SFT data would be), which the loss then teaches
-    as the canonical tokenisation.
+    as the canonical tokenisation. Merging changes no loss: a row counted n times in a token-mean
+    CE is n copies of it.
     """
-    own, own_rows = [], []
-    for row, (ex, text, graded) in enumerate(zip(scored.examples, scored.rollout.texts, scored.graded)):
-        if graded.correct:
-            own.append(encode_sft_example(tokenizer, task.prompt(ex), task.completion_text(ex, text), max_length))
-            own_rows.append(row)
-    gold, gold_ids = [], []
+    by_id: dict[str, QuestionCE] = {}
     for ex in scored.examples:
-        if ex.id not in gold_ids:  # one gold CoT per question, whatever samples_per_prompt is
-            gold.append(encode_sft_example(tokenizer, task.prompt(ex), task.target(ex), max_length))
-            gold_ids.append(ex.id)
-    return CEBatch(own, own_rows, gold, gold_ids)
+        if ex.id not in by_id:  # one gold CoT per question, whatever samples_per_prompt is
+            prompt, target = _split_encoded(encode_sft_example(tokenizer, task.prompt(ex), task.target(ex), max_length))
+            by_id[ex.id] = QuestionCE(ex.id, prompt, [target], [1], [0])
+    for ex, text, graded in zip(scored.examples, scored.rollout.texts, scored.graded):
+        if graded.correct:
+            q = by_id[ex.id]
+            _, target = _split_encoded(encode_sft_example(tokenizer, task.prompt(ex), task.completion_text(ex, text),
+                                                          max_length))
+            if target in q.targets:
+                q.own_count[q.targets.index(target)] += 1
+            else:
+                q.targets.append(target)
+                q.gold_count.append(0)
+                q.own_count.append(1)
+    return list(by_id.values())
+
+
+def _split_encoded(encoded: tuple[list[int], list[int]]) -> tuple[list[int], list[int]]:
+    """(ids, labels) of `encode_sft_example` -> (prompt ids, target ids)."""
+    ids, labels = encoded
+    n_prompt = next((i for i, lab in enumerate(labels) if lab != IGNORE), len(labels))
+    return ids[:n_prompt], ids[n_prompt:]
+
+
+def question_ce(model, questions: list[QuestionCE], pad_id: int, device, share_prompts: bool):
+    """Token-mean cross-entropies (gold, own) of `questions`' rows weighted by their counts (0-dim
+    tensors; own is None when no row counts in it), from one forward pass: each question's prompt
+    once when `share_prompts` (policy.shared_prompt_forward), else prompt + CoT per row."""
+    rows = [(i, target) for i, q in enumerate(questions) for target in q.targets]
+    prompt_ids, prompt_mask = pad_with_mask([q.prompt for q in questions], pad_id, side="left")
+    target_ids, target_mask = pad_with_mask([target for _, target in rows], pad_id)
+    prompt_index = torch.tensor([i for i, _ in rows])
+    P = prompt_ids.shape[1]
+    input_ids = torch.cat([prompt_ids[prompt_index], target_ids], 1).to(device)
+    attention_mask = torch.cat([prompt_mask[prompt_index], target_mask], 1).to(device)
+    target_ids, target_mask = target_ids.to(device), target_mask.to(device)
+    if share_prompts:
+        logits, _ = shared_prompt_forward(model, None, input_ids, attention_mask, target_ids, P,
+                                          prompt_index=prompt_index.to(device))
+    else:
+        logits, _ = forward_logits_values(model, None, input_ids, attention_mask, P)
+    labels = target_ids.masked_fill(target_mask == 0, IGNORE)
+    token_ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE,
+                                                 reduction="none")  # (rows, R), 0 on padding
+    row_ce, row_tokens = token_ce.sum(-1), target_mask.sum(-1).to(token_ce.dtype)
+    out = []
+    for counts in ([c for q in questions for c in q.gold_count], [c for q in questions for c in q.own_count]):
+        weight = torch.tensor(counts, dtype=token_ce.dtype, device=token_ce.device)
+        out.append((weight * row_ce).sum() / (weight * row_tokens).sum().clamp(min=1) if sum(counts) else None)
+    return out
 
 
 def split_even(items: list, parts: int) -> list[list]:
@@ -114,6 +166,9 @@ def run_online_st(cfg: OnlineSTConfig, resume: bool = False, task: Task | None =
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     run.attach(optimizer)
     shuffle_rng = random.Random(cfg.seed)
+    # Each question's prompt runs once for its rows, except where one forward per backward is needed
+    # (DDP / FSDP gradient hooks) or the KV cache is off (gradient checkpointing).
+    share_prompts = not run.dist.enabled and not cfg.gradient_checkpointing
 
     for step in run.steps():
         t0 = time.time()
@@ -123,23 +178,24 @@ def run_online_st(cfg: OnlineSTConfig, resume: bool = False, task: Task | None =
                                   cfg.top_p, cfg.max_new_tokens, RewardSpec())
         t_gen = time.time() - t0
 
-        # 4. Cross-entropy data: own correct samples and the gold CoTs of the same questions.
+        # 4. Cross-entropy data: per question, its gold CoT and its distinct own correct samples.
         data = build_ce_batch(run.task, scored, tokenizer, cfg.max_length)
+        n_own = sum(sum(q.own_count) for q in data)
 
-        # 5. Update epochs: as many mini-batches as ReFT's PPO (but no more than there are gold CoTs,
-        # so every mini-batch has its gold half), each mixing an even share of both halves.
+        # 5. Update epochs: as many mini-batches as ReFT's PPO (but no more than there are questions),
+        # each of whole questions (as ReFT's), so each question's prompt runs once for its rows.
         model.train()
         # (The same count on every process: the batch and mini_batch_size are global.)
-        n_updates = max(1, min(math.ceil(len(scored.graded) * run.dist.world_size / cfg.mini_batch_size), len(data.gold)))
+        n_updates = max(1, min(math.ceil(len(scored.graded) * run.dist.world_size / cfg.mini_batch_size), len(data)))
         stats: dict[str, list[float]] = {}
         shuffle_rng.seed(cfg.seed * 100_003 + step)  # a function of the step: resume sees the same order
         for _ in range(cfg.update_epochs):
-            own, gold = list(data.own), list(data.gold)
-            shuffle_rng.shuffle(own)
-            shuffle_rng.shuffle(gold)
-            for own_part, gold_part in zip(split_even(own, n_updates), split_even(gold, n_updates)):
+            order = list(data)
+            shuffle_rng.shuffle(order)
+            for part in split_even(order, n_updates):
                 with autocast(amp, device):
-                    gold_loss, own_loss = token_mean_ce(run.train_model, [gold_part, own_part], tokenizer.pad_token_id, device)
+                    gold_loss, own_loss = question_ce(run.train_model, part, tokenizer.pad_token_id, device,
+                                                      share_prompts)
                 if own_loss is None:
                     loss = gold_loss  # nothing correct in this share: only the gold term
                 else:
@@ -161,7 +217,8 @@ def run_online_st(cfg: OnlineSTConfig, resume: bool = False, task: Task | None =
             "online_st/score": float(scored.scores.mean()),
             "online_st/accuracy": sum(g.correct for g in scored.graded) / n_rows,
             "online_st/answered": sum(g.answer is not None for g in scored.graded) / n_rows,
-            "online_st/own_examples": len(data.own),
+            "online_st/own_examples": n_own,
+            "online_st/ce_rows": sum(len(q.targets) for q in data),
             "online_st/response_length": float(scored.rollout.response_mask.sum(-1).float().mean()),
             "online_st/seconds": time.time() - t0,
             "online_st/seconds_generate": t_gen,
@@ -169,5 +226,5 @@ def run_online_st(cfg: OnlineSTConfig, resume: bool = False, task: Task | None =
         }
         metrics = run.average(metrics)  # over processes (each CE is a mean over its own share)
         # 7. Engine sync, periodic evaluation + best policy, history, log, resumable checkpoint.
-        run.end_step(step, metrics, postfix=dict(score=f"{metrics['online_st/score']:.3f}", own=len(data.own)))
+        run.end_step(step, metrics, postfix=dict(score=f"{metrics['online_st/score']:.3f}", own=n_own))
     return run.finish()

@@ -117,12 +117,14 @@ def chunked_policy_forward(model, value_head, input_ids, attention_mask, respons
 
 
 def shared_prompt_forward(model, value_head, input_ids, attention_mask, response_ids, response_start: int,
-                          group_size: int):
+                          group_size: int = 1, prompt_index: torch.Tensor | None = None):
     """`forward_logits_values` over rows that come in groups of `group_size` samples of one prompt (the
     rollout layout), running each prompt once: the prompt pass fills a KV cache, which is repeated
     for the group's rows, and the responses run on it. Same log-probs, values and gradients (to
     float rounding) as the full pass; at 4 samples per question of the demo's task about 1.5x
-    faster, with and without gradients (bench/bench_prompt_sharing.py).
+    faster, with and without gradients (bench/bench_prompt_sharing.py). `prompt_index` (B,) instead
+    of `group_size`: row i continues prompt number prompt_index[i], groups of any sizes (Online-ST's
+    gold and distinct own CoTs of a question); each prompt's rows hold the same prompt tokens.
 
     Shapes: input_ids, attention_mask (B, P+R) with B = G * group_size; response_ids (B, R);
     returns logits (B, R, V) and values (B, R) or None, as `forward_logits_values`. Two forward
@@ -131,19 +133,30 @@ def shared_prompt_forward(model, value_head, input_ids, attention_mask, response
     """
     P, R = response_start, response_ids.shape[1]
     prompt_ids, prompt_mask = input_ids[:, :P], attention_mask[:, :P]
-    shared_ids, shared_mask = prompt_ids[::group_size], prompt_mask[::group_size]
-    if not torch.equal(shared_ids.repeat_interleave(group_size, 0), prompt_ids):
-        raise ValueError(f"shared-prompt forward: rows are not groups of {group_size} samples of one prompt")
+    if prompt_index is None:
+        first = torch.arange(0, prompt_ids.shape[0], group_size, device=prompt_ids.device)
+        spread = lambda t: t.repeat_interleave(group_size, 0)  # noqa: E731
+    else:
+        order = prompt_index.tolist()
+        first = torch.tensor([order.index(g) for g in range(max(order) + 1)], device=prompt_ids.device)
+        spread = lambda t: t[prompt_index]  # noqa: E731
+    shared_ids, shared_mask = prompt_ids[first], prompt_mask[first]
+    if not torch.equal(spread(shared_ids), prompt_ids):
+        what = f"groups of {group_size} samples" if prompt_index is None else "rows of the prompts prompt_index names"
+        raise ValueError(f"shared-prompt forward: rows are not {what} of one prompt")
     hidden_states = value_head is not None
     prompt_out = model(input_ids=shared_ids, attention_mask=shared_mask, position_ids=position_ids_from_mask(shared_mask),
                        use_cache=True, output_hidden_states=hidden_states)
     # Response token t is predicted at position P-1+t: the prompt's last position, then tokens 0..R-2.
-    logits = [prompt_out.logits[:, -1:].repeat_interleave(group_size, 0)]
-    hidden = [prompt_out.hidden_states[-1][:, -1:].repeat_interleave(group_size, 0)] if hidden_states else []
+    logits = [spread(prompt_out.logits[:, -1:])]
+    hidden = [spread(prompt_out.hidden_states[-1][:, -1:])] if hidden_states else []
     if R > 1:
         # `cache` in current transformers, `past_key_values` (deprecated there) in older ones
         cache = prompt_out.cache if "cache" in prompt_out.keys() else prompt_out.past_key_values
-        cache.batch_repeat_interleave(group_size)
+        if prompt_index is None:
+            cache.batch_repeat_interleave(group_size)
+        else:
+            cache.batch_select_indices(prompt_index)
         response_out = model(input_ids=response_ids[:, :R - 1], attention_mask=attention_mask[:, :P + R - 1],
                              position_ids=position_ids_from_mask(attention_mask)[:, P:P + R - 1], use_cache=True,
                              output_hidden_states=hidden_states, **{cache_kwarg(unwrap(model)): cache})

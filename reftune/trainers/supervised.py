@@ -47,24 +47,6 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     return loss, int((shift_labels != IGNORE).sum())
 
 
-def token_mean_ce(model, parts: list[list[tuple[list[int], list[int]]]], pad_id: int, device) -> list[torch.Tensor | None]:
-    """Token-mean cross-entropy of each list of encoded examples (0-dim tensors; None for an empty
-    list), from ONE forward pass over all of them: one batched call instead of one per list."""
-    encoded = [e for part in parts for e in part]
-    batch = {k: v.to(device) for k, v in collate(encoded, pad_id).items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    labels = batch["labels"][:, 1:]
-    token_ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE,
-                                                 reduction="none")  # (B, L-1), 0 where IGNORE
-    row_sum, row_tokens = token_ce.sum(-1), (labels != IGNORE).sum(-1)
-    out, start = [], 0
-    for part in parts:
-        end = start + len(part)
-        out.append(row_sum[start:end].sum() / row_tokens[start:end].sum().clamp(min=1) if part else None)
-        start = end
-    return out
-
-
 def linear_schedule(optimizer, total_steps: int, warmup_ratio: float):
     """Linear warm-up to the peak LR over `warmup_ratio` of the steps, then linear decay to 0."""
     warmup = max(1, int(total_steps * warmup_ratio))
