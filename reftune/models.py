@@ -175,8 +175,8 @@ def autocast(enabled: bool, device: torch.device):
     """Mixed precision for one forward pass: matmuls in bf16, weights, gradients, optimizer state and
     losses in the model's dtype (fp32 master weights). A no-op context when not enabled.
 
-    Measured on 2 Zen 4 cores (AVX512-BF16), tiny model: a PPO iteration's forwards and backward
-    1.48x faster than fp32 (bench/bench_mixed_precision.py).
+    Measured on 2 cores with AVX512-BF16, the demo's tiny model: a PPO iteration's forwards and
+    backward 1.3-1.5x faster than fp32 at 1 thread, 1.2x at 2 (bench/bench_mixed_precision.py).
     """
     if not enabled:
         return contextlib.nullcontext()

@@ -169,6 +169,9 @@ def test_question_ce_is_the_token_mean_ce_of_every_copy(small_task, tiny_model, 
     # no own row at all: the own term is None
     only_gold = [QuestionCE(q.id, q.prompt, q.targets[:1], [1], [0]) for q in questions]
     assert question_ce(model, only_gold, tok.pad_token_id, torch.device("cpu"), share_prompts)[1] is None
+    # max_length under the prompt's length leaves no target token: a zero loss, not a crash
+    cut = [QuestionCE(q.id, q.prompt, [[]], [1], [1]) for q in questions]
+    assert [float(x) for x in question_ce(model, cut, tok.pad_token_id, torch.device("cpu"), share_prompts)] == [0, 0]
 
 
 def test_split_even_and_config_from_reft():

@@ -241,6 +241,23 @@ def test_programs_in_the_real_sandbox():
     assert got[4].answer == "21"  # math is available, as in the release
 
 
+def test_model_programs_print_no_warnings(capfd):
+    """A program that Python parses with a SyntaxWarning (`1if`) or a DeprecationWarning (an invalid
+    escape) is graded like any other, and neither the trainer nor the sandbox prints the warning."""
+    import warnings
+
+    pytest.importorskip("reftune.sandbox")
+    ex = Example("1", "q", "2")
+    cots = ["def solution():\n    x = 1if True else 0\n    return x + 1",
+            'def solution():\n    s = "\\d"\n    return len(s)']
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = grade_batch(cots, [ex] * len(cots), "program", "number", timeout=5.0)
+    assert [g.answer for g in got] == ["2", "2"]
+    assert [str(w.message) for w in seen] == []
+    assert "Warning" not in capfd.readouterr().err
+
+
 def test_choice_guard_in_the_real_sandbox():
     pytest.importorskip("reftune.sandbox")
     ex = Example("m", "q", "a", options=MATHQA_OPTIONS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import re
+import warnings
 
 from reftune.rewards.answers import format_number, normalize_number, parse_choice
 
@@ -60,11 +61,20 @@ def clean_program(text: str) -> str:
     return program
 
 
+def parse_quietly(source: str) -> ast.Module:
+    """`ast.parse` without the SyntaxWarnings a model-written program can raise ("invalid decimal
+    literal" for `3x`): they would print on the trainer's terminal; the grader judges the program."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SyntaxWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # invalid escapes such as "\\d"
+        return ast.parse(source)
+
+
 def _parse_prefix(lines: list[str]) -> tuple[ast.Module | None, list[str]]:
     """Parse the longest prefix of `lines` up to the first line Python cannot parse."""
     while lines:
         try:
-            return ast.parse("\n".join(lines)), lines
+            return parse_quietly("\n".join(lines)), lines
         except SyntaxError as e:  # keep what comes before the first broken line
             lines = lines[: min((e.lineno or len(lines)) - 1, len(lines) - 1)]
         except (ValueError, RecursionError, MemoryError):  # null bytes, absurd nesting
@@ -146,7 +156,7 @@ class _PackReturns(ast.NodeTransformer):
 def instrument(program: str) -> str | None:
     """The program with `solution`'s returns packed with its numeric locals (see _PackReturns)."""
     try:
-        tree = ast.parse(program)
+        tree = parse_quietly(program)
         for node in tree.body:
             if isinstance(node, ast.FunctionDef) and node.name == "solution":
                 packer = _PackReturns(_local_names(node))

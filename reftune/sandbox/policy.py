@@ -13,6 +13,7 @@ import builtins
 import operator
 import sys
 import types
+import warnings
 
 from .apis import API, LAZY_MODULES
 from .pure import is_pure, unsafe_builtins
@@ -250,12 +251,15 @@ def prepare(policy, program):
     """Parse, check and compile a program (in the zygote: parsing runs no program code, and the child
     then starts from a code object). Returns (code, reason, pure); code is None when refused."""
     try:
-        tree = ast.parse(program, "<program>", "exec")
-        nodes = list(ast.walk(tree))
-        check_tree(nodes, policy.allowed)
-        pure = is_pure(nodes, policy.unsafe_for_pure)
-        del nodes
-        return builtins.compile(tree, "<program>", "exec", dont_inherit=True), "", pure
+        with warnings.catch_warnings():  # a SyntaxWarning ("invalid decimal literal") is the program's, not ours
+            warnings.simplefilter("ignore", SyntaxWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)  # invalid escapes such as "\\d"
+            tree = ast.parse(program, "<program>", "exec")
+            nodes = list(ast.walk(tree))
+            check_tree(nodes, policy.allowed)
+            pure = is_pure(nodes, policy.unsafe_for_pure)
+            del nodes
+            return builtins.compile(tree, "<program>", "exec", dont_inherit=True), "", pure
     except BaseException as exc:  # SyntaxError, Forbidden, RecursionError, MemoryError on absurd input
         return None, describe(exc), False
 

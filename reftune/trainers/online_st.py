@@ -28,7 +28,7 @@ from reftune.tasks import Task
 from reftune.trainers.loop import Callbacks, OnlineConfig, OnlineRun
 from reftune.trainers.distributed import scalar
 from reftune.trainers.rollout import sample_and_score
-from reftune.batching import pad_with_mask
+from reftune.batching import pad, pad_with_mask
 from reftune.trainers.policy import forward_logits_values, shared_prompt_forward
 from reftune.trainers.supervised import IGNORE, encode_sft_example
 
@@ -122,7 +122,10 @@ def question_ce(model, questions: list[QuestionCE], pad_id: int, device, share_p
     once when `share_prompts` (policy.shared_prompt_forward), else prompt + CoT per row."""
     rows = [(i, target) for i, q in enumerate(questions) for target in q.targets]
     prompt_ids, prompt_mask = pad_with_mask([q.prompt for q in questions], pad_id, side="left")
-    target_ids, target_mask = pad_with_mask([target for _, target in rows], pad_id)
+    # At least one column: with max_length under the prompt's length every target is empty (loss 0).
+    width = max(1, max(len(target) for _, target in rows))
+    target_ids = pad([target for _, target in rows], pad_id, width=width)
+    target_mask = pad([[1] * len(target) for _, target in rows], 0, width=width)
     prompt_index = torch.tensor([i for i, _ in rows])
     P = prompt_ids.shape[1]
     input_ids = torch.cat([prompt_ids[prompt_index], target_ids], 1).to(device)
