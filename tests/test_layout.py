@@ -5,6 +5,8 @@ engine is reachable through the registry alone, and no file grows past ~600 line
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,6 +129,15 @@ def test_rl_math_imports_only_torch():
 @pytest.mark.parametrize("path", sorted(PKG.rglob("*.py")), ids=lambda p: str(p.relative_to(PKG)))
 def test_files_stay_small(path):
     assert len(path.read_text().splitlines()) <= 620, f"{path} has grown past ~600 lines: split it"
+
+
+@pytest.mark.parametrize("path", sorted((PKG.parent / "bench").glob("*.py")), ids=lambda p: p.name)
+def test_every_bench_script_starts(path):
+    """Each benchmark imports what it uses and parses its arguments (`--help`), so a library module
+    that moves breaks its benchmark here rather than on a user's machine."""
+    run = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=300,
+                         cwd=PKG.parent)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_every_subpackage_says_what_it_owns_and_may_import():
