@@ -6,9 +6,9 @@
 Runs `reftune demo` once per (path, seed) into `OUT/<path>-seed-N` and prints one table per path:
 each method's greedy test accuracy per seed, the mean, ReFT - SFT per seed with its mean, standard
 error and worst seed, and the wall time of each stage. The two numeric paths are the demo's
-`mixed_precision` choices for its RL stages: `fp32` (`reft.mixed_precision=no`: what a CPU without
-native bf16 runs) and `bf16` (`reft.mixed_precision=bf16`: bf16 autocast, what `auto` picks on a
-GPU or a CPU with AVX512-BF16/AMX; on a CPU without them torch emulates it, slower). The report
+`mixed_precision` choices for its RL stages: `fp32` (`reft.mixed_precision=no`: the demo's default,
+on every CPU) and `bf16` (`reft.mixed_precision=bf16`: bf16 autocast, what `auto` picks on a GPU or
+a CPU with AVX512-BF16/AMX; on a CPU without them torch emulates it, slower). The report
 also goes to `OUT/study.md` and `OUT/study.json`, with the machine's CPU model, core count and bf16
 features, so the README can show exactly what was run.
 
