@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import ast
 import re
-import warnings
 
 from reftune.rewards.answers import format_number, normalize_number, parse_choice
+from reftune.sandbox.policy import parse_quietly
 
 _CODE_START_RE = re.compile(r"^(?:def |async def |class |import |from |@|[A-Za-z_]\w*\s*=[^=])")
 _KEEP_NODES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Import, ast.ImportFrom,
@@ -59,15 +59,6 @@ def clean_program(text: str) -> str:
         if re.search(rf"\b{module}\.", program) and not re.search(rf"^\s*import {module}\b", program, re.M):
             program = f"import {module}\n" + program
     return program
-
-
-def parse_quietly(source: str) -> ast.Module:
-    """`ast.parse` without the SyntaxWarnings a model-written program can raise ("invalid decimal
-    literal" for `3x`): they would print on the trainer's terminal; the grader judges the program."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SyntaxWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)  # invalid escapes such as "\\d"
-        return ast.parse(source)
 
 
 def _parse_prefix(lines: list[str]) -> tuple[ast.Module | None, list[str]]:

@@ -247,19 +247,26 @@ def convert(v):
     return (str(s), "") if len(s) <= MAX_STR else (None, "output too large")
 
 
+def parse_quietly(source: str, filename: str = "<program>") -> ast.Module:
+    """`ast.parse` without the warnings a model-written program can raise (SyntaxWarning "invalid
+    decimal literal" for `1if`, DeprecationWarning for an escape such as "\\d"): they are the
+    program's, and would print on the trainer's terminal. The grader's clean-up uses it too."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SyntaxWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ast.parse(source, filename, "exec")
+
+
 def prepare(policy, program):
     """Parse, check and compile a program (in the zygote: parsing runs no program code, and the child
     then starts from a code object). Returns (code, reason, pure); code is None when refused."""
     try:
-        with warnings.catch_warnings():  # a SyntaxWarning ("invalid decimal literal") is the program's, not ours
-            warnings.simplefilter("ignore", SyntaxWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)  # invalid escapes such as "\\d"
-            tree = ast.parse(program, "<program>", "exec")
-            nodes = list(ast.walk(tree))
-            check_tree(nodes, policy.allowed)
-            pure = is_pure(nodes, policy.unsafe_for_pure)
-            del nodes
-            return builtins.compile(tree, "<program>", "exec", dont_inherit=True), "", pure
+        tree = parse_quietly(program)
+        nodes = list(ast.walk(tree))
+        check_tree(nodes, policy.allowed)
+        pure = is_pure(nodes, policy.unsafe_for_pure)
+        del nodes
+        return builtins.compile(tree, "<program>", "exec", dont_inherit=True), "", pure
     except BaseException as exc:  # SyntaxError, Forbidden, RecursionError, MemoryError on absurd input
         return None, describe(exc), False
 
