@@ -8,7 +8,10 @@ each method's greedy test accuracy per seed, the mean, ReFT - SFT per seed with 
 error and worst seed, and the wall time of each stage. The two numeric paths are the demo's
 `mixed_precision` choices for its RL stages: `fp32` (`reft.mixed_precision=no`: the demo's default,
 on every CPU) and `bf16` (`reft.mixed_precision=bf16`: bf16 autocast, what `auto` picks on a GPU or
-a CPU with AVX512-BF16/AMX; on a CPU without them torch emulates it, slower). The report
+a CPU with AVX512-BF16/AMX; on a CPU without them torch emulates it, slower). A third, `fp32-avx2`,
+is the fp32 path computed the way a CPU without AVX-512 computes it (torch's `ATEN_CPU_CAPABILITY`
+and MKL's and oneDNN's ISA limits set to AVX2): float rounding differs between the two kinds, and
+so do where SFT ends and how far ReFT gets. Default: `fp32 bf16`. The report
 also goes to `OUT/study.md` and `OUT/study.json`, with the machine's CPU model, core count and bf16
 features, so the README can show exactly what was run.
 
@@ -31,7 +34,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PATHS = {"fp32": "reft.mixed_precision=no", "bf16": "reft.mixed_precision=bf16"}
+# Each path: the demo override that picks its precision, and the environment its process runs in.
+# `fp32-avx2` is the fp32 path with torch's own kernels (softmax, log-softmax, ...) and MKL's and
+# oneDNN's held to AVX2: a CPU without AVX-512 rounds exactly so, which is how one machine measures
+# both kinds. (On AMD CPUs MKL runs its AVX2 kernels anyway; torch's kernels are what differ.)
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+PATHS = {"fp32": ("reft.mixed_precision=no", {}), "bf16": ("reft.mixed_precision=bf16", {}),
+         "fp32-avx2": ("reft.mixed_precision=no", AVX2_ENV)}
 METHODS = ("warmup", "sft", "offline_st", "online_st", "reft")
 LABELS = {"warmup": "warm-up", "sft": "SFT", "offline_st": "Offline-ST", "online_st": "Online-ST", "reft": "ReFT"}
 
@@ -53,10 +62,11 @@ def run_one(out: Path, seed: int, path: str, overrides: list[str], baselines: bo
     summary = out / "summary.json"
     if not summary.exists():
         log = out.with_suffix(".log")
-        cmd = [sys.executable, "-m", "reftune.cli", "demo", "--out", str(out), f"seed={seed}", PATHS[path],
+        precision, path_env = PATHS[path]
+        cmd = [sys.executable, "-m", "reftune.cli", "demo", "--out", str(out), f"seed={seed}", precision,
                f"baselines={str(baselines).lower()}", *([f"threads={threads}"] if threads else []),
                "sft.progress=false", "reft.progress=false", *overrides]
-        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+        env = {**os.environ, **path_env, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         print(f"[study] {path} seed {seed}: {' '.join(cmd[3:])} (log: {log})", flush=True)
         with open(log, "w") as fh:
             rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
@@ -74,7 +84,9 @@ def table(path: str, runs: list[tuple[int, dict]]) -> tuple[list[str], dict]:
     acc = {m: [100 * s[m]["accuracy"] for _, s in runs] for m in methods}
     gaps = [r - s for r, s in zip(acc["reft"], acc["sft"])]
     head = "| seed | " + " | ".join(LABELS[m] for m in methods) + " | ReFT - SFT | SFT best epoch | wall s |"
-    lines = [f"### {path}", "", head, "|" + "---|" * (len(methods) + 4)]
+    # Runs from before summaries recorded their numerics show "?".
+    kernels = sorted({s.get("numerics", {}).get("cpu_capability", "?") for _, s in runs})
+    lines = [f"### {path}", "", f"torch's CPU kernels: {', '.join(kernels)}", "", head, "|" + "---|" * (len(methods) + 4)]
     for i, (seed, s) in enumerate(runs):
         lines.append(f"| {seed} | " + " | ".join(f"{acc[m][i]:.2f}" for m in methods)
                      + f" | {gaps[i]:+.2f} | {s['sft_best_epoch']} | {s['wall_seconds']:.0f} |")
@@ -88,14 +100,14 @@ def table(path: str, runs: list[tuple[int, dict]]) -> tuple[list[str], dict]:
     stats = {"mean": {m: statistics.mean(v) for m, v in acc.items()}, "reft_minus_sft": gaps,
              "gap_mean": statistics.mean(gaps), "gap_sem": sem(gaps), "gap_worst": min(gaps),
              "per_seed": {seed: {m: acc[m][i] for m in methods} for i, (seed, _) in enumerate(runs)},
-             "wall_seconds": {seed: s["wall_seconds"] for seed, s in runs}}
+             "wall_seconds": {seed: s["wall_seconds"] for seed, s in runs}, "cpu_kernels": kernels}
     return lines, stats
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
+    ap.add_argument("--paths", nargs="+", choices=list(PATHS), default=["fp32", "bf16"])
     ap.add_argument("--out", default="runs/study")
     ap.add_argument("--jobs", type=int, default=1, help="demos run at once (each with 1 thread when > 1)")
     ap.add_argument("--no-baselines", action="store_true", help="warm-up, SFT and ReFT only (faster)")

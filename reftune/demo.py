@@ -45,7 +45,7 @@ def _demo_sft() -> SFTConfig:
 
 def _demo_reft() -> ReFTConfig:
     # The library defaults are the paper's; a tiny model on 2 CPU cores needs these departures
-    # (measured on the built-in task, README "Results"): lr 2e-4 (3e-4 with mini-batches of 8
+    # (measured on the built-in task, docs/demo-results.md): lr 2e-4 (3e-4 with mini-batches of 8
     # collapsed the policy), 4 samples per question (32 single samples per step moved validation
     # accuracy too slowly), lam 1.0 and vf_coef 1 (with lam 0.95 a zero-initialised critic gives
     # early tokens a fraction of the credit; vf_coef 5 let the value loss pull the shared backbone
@@ -53,7 +53,7 @@ def _demo_reft() -> ReFTConfig:
     # accuracy still climbs after 300 steps, so one PPO epoch per rollout (about as good per step
     # as two, 1.4x cheaper) and mini-batches of 32 buy the most steps per second. 450 steps instead
     # of 250: over seeds 0-2 (bf16 path) ReFT - SFT went from +3.0 / +7.5 / +5.5 to +6.0 / +10.5 /
-    # +5.5 (README "Results"). A critic warm-up of 10 steps tied on validation (mean best 0.543 vs
+    # +5.5 (docs/demo-results.md). A critic warm-up of 10 steps tied on validation (mean best 0.543 vs
     # 0.547), so the paper's zero-initialised critic stays. The static engine's own log-probs and
     # values of the sampled tokens stand in for the no-grad policy pass (engine_old_logprobs; fp32
     # only). fp32, not bf16 autocast: on a CPU with native bf16 autocast makes the passes 1.3x
@@ -189,6 +189,7 @@ def _run_stages(cfg: DemoConfig, out: Path, start: float) -> dict:
     from reftune.tasks import load_task
     from reftune.tiny import build_tiny_model, tokenizer_corpus
     from reftune.runs import write_json
+    from reftune.runtime import numerics
 
     r = dataclasses.replace
     task = load_task(cfg.data)
@@ -243,6 +244,7 @@ def _run_stages(cfg: DemoConfig, out: Path, start: float) -> dict:
                     "json": "compare/compare.json"},
         "stage_seconds": stage_seconds,
         "wall_seconds": round(time.time() - start, 1),
+        "numerics": numerics(),
     }
     write_json(out / "summary.json", summary)
     write_demo_report(out, summary, sft["history"], reft["history"])
@@ -342,10 +344,12 @@ class BackgroundStage:
         self._proc.start()
         child_conn.close()
         self.pid = self._proc.pid
+        self._answered = False
 
     def result(self):
         try:
             ok, payload = self._conn.recv()
+            self._answered = True
         except EOFError:
             self._proc.join()
             raise RuntimeError(f"the demo's ReFT process ended without a result (exit code {self._proc.exitcode})") \
@@ -355,6 +359,10 @@ class BackgroundStage:
         return payload
 
     def stop(self) -> None:
+        if self._answered:
+            # It is exiting: let it run its own clean-up (a process terminated here leaves its
+            # semaphores, e.g. tqdm's lock, to the resource tracker, which warns at exit).
+            self._proc.join(timeout=60)
         if self._proc.is_alive():
             self._proc.terminate()
         self._proc.join()

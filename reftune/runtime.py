@@ -66,3 +66,13 @@ def configure_threads(threads: int = 0) -> dict:
     torch.set_num_threads(n)
     return {"threads": n, "automatic": threads == 0, "wait_policy": os.environ["OMP_WAIT_POLICY"],
             "wait_policy_applied": not torch_loaded}
+
+
+def numerics() -> dict:
+    """What decides this process's float rounding on a CPU, for run summaries: torch's version, the
+    vector instruction set its own kernels were dispatched to (`ATEN_CPU_CAPABILITY` can lower it:
+    AVX2 vs AVX512 kernels round differently), and the thread count."""
+    import torch
+
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads()}

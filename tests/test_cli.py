@@ -126,6 +126,9 @@ def test_demo_quick(capsys, tmp_path):
         assert AutoModelForCausalLM.from_pretrained(entry["checkpoint"]) is not None
     assert summary["seed"] == 0 and summary["quick"] is True
     assert isinstance(summary["wall_seconds"], float) and 0 < summary["wall_seconds"] <= wall + 1
+    # what decided the run's float rounding (the study tells AVX2 from AVX512 runs by it)
+    assert summary["numerics"] == {"torch": torch.__version__, "threads": 1,
+                                   "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     report = (out_dir / "report.md").read_text()
     assert "| warmup |" in report and "| reft |" in report and "learning_curves.png" in report
     assert (out_dir / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -134,6 +137,19 @@ def test_demo_quick(capsys, tmp_path):
     # a second demo into the same folder refuses to overwrite it
     code, _, err = run_main(capsys, "demo", "--quick", "--out", out_dir)
     assert code == 2 and "already holds a demo run" in err
+
+
+def test_demo_as_a_command_ends_cleanly(tmp_path):
+    """The demo as a user runs it, in its own process with ReFT in a second one: exit 0 and nothing
+    on stderr but its own lines (a ReFT process terminated while it exits left a semaphore to the
+    resource tracker, which printed a 'leaked semaphore' warning after every demo)."""
+    quiet = [f"{stage}.{key}=false" for stage in ("sft", "reft") for key in ("progress", "tensorboard")]
+    proc = subprocess.run([sys.executable, "-m", "reftune.cli", "demo", "--quick", "--out", str(tmp_path / "demo"),
+                           "threads=1", *quiet], capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Warning" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "demo" / "summary.json").read_text())["reft"]["checkpoint"]
 
 
 def test_demo_runs_reft_beside_the_baselines_with_the_same_results(capsys, tmp_path):

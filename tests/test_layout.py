@@ -5,6 +5,7 @@ engine is reachable through the registry alone, and no file grows past ~600 line
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,23 @@ def test_every_bench_script_starts(path):
     run = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=300,
                          cwd=PKG.parent)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_the_studys_avx2_path_runs_torchs_avx2_kernels():
+    """bench/demo_study.py's `fp32-avx2` path stands for a CPU without AVX-512 only if its
+    environment really moves torch's kernel dispatch (and the demo's summary records it)."""
+    if " avx2" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("this CPU has no AVX2 kernels to run")
+    sys.path.insert(0, str(PKG.parent / "bench"))
+    try:
+        from demo_study import PATHS
+    finally:
+        sys.path.pop(0)
+    _, env = PATHS["fp32-avx2"]
+    code = "from reftune.runtime import numerics; print(numerics()['cpu_capability'])"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **env}, cwd=PKG.parent)
+    assert run.returncode == 0 and run.stdout.strip() == "AVX2", run.stderr[-2000:]
 
 
 def test_every_subpackage_says_what_it_owns_and_may_import():
