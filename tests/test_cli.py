@@ -19,6 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from reftune.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
+# The demo's overrides that keep its stages off the terminal and out of TensorBoard in tests.
+QUIET = [f"{stage}.{key}=false" for stage in ("sft", "reft") for key in ("progress", "tensorboard")]
 
 
 def reftune_executable() -> str | None:
@@ -112,8 +114,7 @@ def test_subprocess_exit_code_and_stderr(tmp_path):
 def test_demo_quick(capsys, tmp_path):
     out_dir = tmp_path / "demo"
     start = time.time()
-    quiet = [f"{stage}.{key}=false" for stage in ("sft", "reft") for key in ("progress", "tensorboard")]
-    code, out, err = run_main(capsys, "demo", "--quick", "--out", out_dir, "threads=1", *quiet)
+    code, out, err = run_main(capsys, "demo", "--quick", "--out", out_dir, "threads=1", *QUIET)
     wall = time.time() - start
     assert code == 0, err
     summary = json.loads((out_dir / "summary.json").read_text())
@@ -143,9 +144,8 @@ def test_demo_as_a_command_ends_cleanly(tmp_path):
     """The demo as a user runs it, in its own process with ReFT in a second one: exit 0 and nothing
     on stderr but its own lines (a ReFT process terminated while it exits left a semaphore to the
     resource tracker, which printed a 'leaked semaphore' warning after every demo)."""
-    quiet = [f"{stage}.{key}=false" for stage in ("sft", "reft") for key in ("progress", "tensorboard")]
     proc = subprocess.run([sys.executable, "-m", "reftune.cli", "demo", "--quick", "--out", str(tmp_path / "demo"),
-                           "threads=1", *quiet], capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                           "threads=1", *QUIET], capture_output=True, text=True, cwd=tmp_path, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Warning" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -155,12 +155,11 @@ def test_demo_as_a_command_ends_cleanly(tmp_path):
 def test_demo_runs_reft_beside_the_baselines_with_the_same_results(capsys, tmp_path):
     """parallel_stages (the default) trains ReFT in a second process while Offline-ST and Online-ST
     run: every method's results equal those of the stages one after the other."""
-    quiet = [f"{stage}.{key}=false" for stage in ("sft", "reft") for key in ("progress", "tensorboard")]
     summaries = {}
     for parallel in ("true", "false"):
         out_dir = tmp_path / parallel
         code, _, err = run_main(capsys, "demo", "--quick", "--out", out_dir, "threads=1", f"parallel_stages={parallel}",
-                                *quiet)
+                                *QUIET)
         assert code == 0, err
         summaries[parallel] = json.loads((out_dir / "summary.json").read_text())
     a, b = summaries["true"], summaries["false"]
