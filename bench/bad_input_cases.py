@@ -64,7 +64,7 @@ def out_arg(cmd: str, out: Path) -> list[str]:
 SWEEP = {
     "sft": {"epochs": [0, -1], "batch_size": [0, -1], "grad_accum": [0, -1], "lr": [0, -1], "warmup_ratio": [-0.1, 1.5],
             "weight_decay": [-1], "max_grad_norm": [0, -1], "max_length": [0, -1], "eval_max_new_tokens": [0, -1],
-            "eval_batch_size": [0, -1], "log_every": [0, -1], "eval_split": ["bogus"], "engine": ["bogus"],
+            "gen_batch_size": [0, -1], "log_every": [0, -1], "eval_split": ["bogus"], "engine": ["bogus"],
             "device": ["bogus"], "dtype": ["bogus"], "mixed_precision": ["bogus"], "seed": [-1],
             "save_epochs": ["[0]", "[99]"]},
     "train": {"steps": [0, -1], "questions_per_step": [0, -1], "samples_per_prompt": [0, -1], "mini_batch_size": [0, -1],
@@ -76,7 +76,7 @@ SWEEP = {
     "online-st": {"steps": [0], "questions_per_step": [0], "mini_batch_size": [0], "temperature": [0, -1],
                   "own_weight": [-0.1, 1.5], "update_epochs": [0, -1], "max_length": [0], "max_new_tokens": [0, -1],
                   "gen_batch_size": [0], "samples_per_prompt": [0], "top_p": [1.5], "lr": [-1]},
-    "eval": {"max_new_tokens": [0, -1], "batch_size": [0, -1], "split": ["bogus"], "engine": ["bogus"],
+    "eval": {"max_new_tokens": [0, -1], "gen_batch_size": [0, -1], "split": ["bogus"], "engine": ["bogus"],
              "dtype": ["bogus"], "device": ["cuda", "cuda:7"], "seed": [-1]},
     "sample": {"k": [0, -1], "temperature": [0, -1], "top_p": [0, 1.5], "max_new_tokens": [0, -1], "chunk_size": [0, -1],
                "batch_size": [0, -1], "split": ["bogus"], "engine": ["bogus"]},
@@ -295,8 +295,8 @@ def special_cases(W: Path) -> list[Case]:
              f"out_dir={c}/run"], needles=("runs/nope", "not found")),
         Case("epochs=0 names the key", "unclear", ["sft", *fast("sft", W), "epochs=0", f"out_dir={c}/run"],
              needles=("epochs",)),
-        Case("batch_size=0 names the key", "unclear", ["eval", *fast("eval", W), "batch_size=0", f"out_dir={c}/run"],
-             needles=("batch_size",)),
+        Case("gen_batch_size=0 names the key", "unclear", ["eval", *fast("eval", W), "gen_batch_size=0", f"out_dir={c}/run"],
+             needles=("gen_batch_size",)),
         Case("--resume of a folder without a run", "unclear", ["train", "--resume", f"{c}/nothing"],
              needles=("nothing",)),
         # ---- prompt length

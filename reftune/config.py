@@ -9,6 +9,7 @@ Nested sections (e.g. `data:`) are dataclasses too; overrides reach them with do
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from pathlib import Path
@@ -69,6 +70,7 @@ def from_dict(cls: type[T], values: dict, where: str = "config") -> T:
     """Build `cls` from a dict, refusing unknown keys and wrong types."""
     types = _field_types(cls)
     unknown = sorted(set(values) - set(types))
+    _refuse_renamed(cls, unknown, where)
     if unknown:
         raise ConfigError(
             f"{where}: unknown key(s) {', '.join(map(repr, unknown))} for {cls.__name__}; "
@@ -84,6 +86,15 @@ def from_dict(cls: type[T], values: dict, where: str = "config") -> T:
             v = _merge(_default_section(fields[k]), v)
         kwargs[k] = _coerce(v, types[k], f"{where}: key {k!r}")
     return cls(**kwargs)
+
+
+def _refuse_renamed(cls, keys, where: str) -> None:
+    """A key that a config class renamed: an error naming the new key (one name per concept)."""
+    renamed = getattr(cls, "renamed", {})
+    for key in keys:
+        if key in renamed:
+            raise ConfigError(f"{where}: key {key!r} is now called {renamed[key]!r} in {cls.__name__} "
+                              f"(set {renamed[key]} instead)")
 
 
 def _default_section(f: dataclasses.Field) -> dict:
@@ -105,7 +116,24 @@ def _merge(base: dict, given: dict) -> dict:
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data, each class's own fields before those of the sections it is composed
+    of (so `config.yaml` starts with what the command is about: model, data, out_dir...)."""
+    if not dataclasses.is_dataclass(cfg):
+        return cfg
+    names = [f.name for f in dataclasses.fields(cfg)]
+    order = [n for klass in type(cfg).__mro__ for n in vars(klass).get("__annotations__", {}) if n in names]
+    seen: dict = dict.fromkeys(order)
+    return {n: _plain(getattr(cfg, n)) for n in seen}
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value):
+        return to_dict(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return copy.deepcopy(value)
 
 
 def read_text_utf8(path: str | Path, error: type[Exception] = ConfigError) -> str:
@@ -191,6 +219,7 @@ def apply_override(values: dict, override: str, cls) -> None:
     for i, part in enumerate(parts):
         types = _field_types(node_cls)
         if part not in types:
+            _refuse_renamed(node_cls, [part], f"override {override!r}")
             raise ConfigError(
                 f"override {override!r}: unknown key {'.'.join(parts[:i + 1])!r}; known keys: {', '.join(sorted(types))}"
             )

@@ -12,6 +12,7 @@ import torch
 
 
 from reftune.model_files import ModelLoadError  # noqa: F401  (raised by the checks there; re-exported)
+from reftune.options import QUANTIZE
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -65,7 +66,6 @@ def load_tokenizer(name_or_path: str | Path):
     return tok
 
 
-QUANTIZE = ("no", "nf4", "fp4", "int8")
 """Ways to load a frozen base quantized by bitsandbytes (QLoRA): no, 4-bit NormalFloat / float, 8-bit."""
 
 

@@ -408,7 +408,7 @@ def plan_run(cfg, world_size: int, gpu_memory_gib: float | None = None, model_sp
         opt_steps = math.ceil(_train_rows(cfg, kind, assumptions) / global_batch)
         per_device = {"micro_batch": b_train}
         if kind == "sft" and cfg.eval_split != "none":
-            gen_rows = per_device["gen_batch"] = cfg.eval_batch_size
+            gen_rows = per_device["gen_batch"] = cfg.gen_batch_size
 
     # Memory per device (bytes).
     mem = {
@@ -508,7 +508,7 @@ def _train_time(plan: RunPlan, cfg, kind: str, spec: ModelSpec, gpu: GPU, engine
         seq = min(A.mean_prompt_tokens + A.mean_response_tokens, cfg.max_length)
         plan.time_breakdown = {"train": cfg.epochs * n * seq * mult * N / flops_s / 3600}
         if kind == "sft" and cfg.eval_split != "none":
-            plan.time_breakdown["eval"] = cfg.epochs * _decode_s(spec, gpu, val, cfg.eval_batch_size, cfg.engine,
+            plan.time_breakdown["eval"] = cfg.epochs * _decode_s(spec, gpu, val, cfg.gen_batch_size, cfg.engine,
                                                                  cfg.eval_max_new_tokens, A) / 3600
     plan.hours = sum(plan.time_breakdown.values())
     plan.gpu_hours = plan.hours * W

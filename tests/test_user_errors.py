@@ -301,7 +301,7 @@ def test_temperature_must_be_positive(command, temperature, capsys, tmp_path, wa
     ("sft", "batch_size=0"), ("sft", "grad_accum=0"), ("sft", "log_every=0"), ("sft", "epochs=0"),
     ("sft", "eval_split=bogus"), ("train", "mini_batch_size=0"), ("train", "steps=0"), ("online-st", "steps=0"),
     ("eval", "max_new_tokens=0"), ("eval", "max_new_tokens=-3"), ("sample", "max_new_tokens=0"),
-    ("eval", "batch_size=0"), ("sample", "chunk_size=0"), ("train", "max_new_tokens=-1"),
+    ("eval", "gen_batch_size=0"), ("sample", "chunk_size=0"), ("train", "max_new_tokens=-1"),
 ])
 def test_zero_and_negative_sizes_name_key_value_and_range(argv_key, capsys, tmp_path, warmup_model):
     command, override = argv_key

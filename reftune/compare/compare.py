@@ -21,7 +21,9 @@ from pathlib import Path
 
 from reftune.inference.sample import check_samples_origin  # noqa: F401  (re-exported)
 from reftune.compare.methods import DATASET_OF, METHOD_NAMES, METHODS, PAPER_RESULTS  # noqa: F401  (re-exported)
+from reftune.options import Runtime, SampleFile
 from reftune.tasks import DataConfig, Task
+from reftune.validate import Checks
 from reftune.trainers.reward_model import RewardModelConfig
 
 def paper_reference(data_name: str, style: str) -> list[dict]:
@@ -31,7 +33,7 @@ def paper_reference(data_name: str, style: str) -> list[dict]:
 
 
 @dataclass
-class CompareConfig:
+class CompareConfig(SampleFile, Runtime):
     """`reftune compare`: top-1, voting@k and reranking@k of each method's checkpoint, with a report."""
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -52,20 +54,6 @@ class CompareConfig:
     """ReFT run folder for training curves (metrics.jsonl); empty: inferred from `reft` (run/checkpoints/x/policy)."""
     split: str = "test"
     """Split evaluated: test | validation."""
-    k: int = 16
-    """Samples per question for voting and reranking (the paper: 100)."""
-    temperature: float = 1.0
-    """Sampling temperature (the paper: 1)."""
-    top_p: float = 1.0
-    """Nucleus sampling (1: off)."""
-    max_new_tokens: int = 256
-    """Longest CoT, greedy and sampled."""
-    chunk_size: int = 64
-    """Questions sampled and appended at a time (resume granularity)."""
-    gen_batch_size: int = 64
-    """Sequences decoded at once."""
-    engine: str = "auto"
-    """Generation engine (reftune.engines.ENGINES: auto = static on CPU, cached on GPU | cached | static | hf | vllm, or package.module:Class)."""
     rerank: bool = True
     """Rerank with a reward model (given, or trained here); False: top-1 and voting only."""
     reward_model: str = ""
@@ -78,23 +66,12 @@ class CompareConfig:
     """Reward-model training (model empty: the SFT checkpoint, else the warm-up one; out_dir is set here)."""
     eval_dir: str = ""
     """Where each method's greedy predictions go (empty: out_dir/eval)."""
-    seed: int = 0
-    """Seed of the samplers (every method gets the same seeds)."""
-    device: str = "auto"
-    """auto | cpu | cuda | cuda:N"""
-    dtype: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16"""
-    progress: bool = True
-    """Show progress bars."""
 
     def validate(self, prefix: str = "") -> None:
-        from reftune.validate import Checks
-
+        super().validate(prefix)
         c = Checks(self, prefix)
         c.out_dir().str(*METHODS, "reft_run", "reward_model", "rm_samples", "eval_dir")
-        c.choice("split", ("test", "validation")).int("k", 1).temperature().top_p().int("max_new_tokens", 1)
-        c.int("chunk_size", 1).int("gen_batch_size", 1).engine().bool("rerank", "progress").int("rm_k", 1)
-        c.int("seed", 0, 2**32 - 1).device().dtype()
+        c.choice("split", ("test", "validation")).bool("rerank").int("rm_k", 1)
         if not any(getattr(self, m) for m in METHODS):
             c.fail("sft", "no checkpoint given: set at least one of " + ", ".join(METHODS))
         self.data.validate(prefix + "data.")

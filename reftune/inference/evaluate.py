@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 
 from reftune.engines.base import Generator
+from reftune.options import Runtime, Sampling
 from reftune.tasks import DataConfig, Example, Task
+from reftune.validate import Checks
 from reftune.runs import atomic_write_text, write_json
 
 
@@ -48,42 +50,37 @@ def save_predictions(out_dir: str | Path, summary: dict, predictions: list[dict]
 
 
 @dataclass
-class EvalConfig:
-    """`reftune eval`: greedy top-1 accuracy of a checkpoint on a split."""
+class ModelOnSplit(Runtime):
+    """A checkpoint and the task split it is run on (`eval`, `sample`)."""
 
     model: str = ""
-    """Checkpoint folder or Hugging Face id to evaluate."""
+    """Checkpoint folder or Hugging Face id."""
     data: DataConfig = field(default_factory=DataConfig)
-    """Task to evaluate on."""
+    """Task whose split is read."""
     split: str = "test"
     """test | validation | train"""
-    out_dir: str = "runs/eval"
-    """Where predictions and the summary go."""
-    max_new_tokens: int = 256
-    """Longest CoT generated."""
-    batch_size: int = 64
-    """Questions decoded at once."""
-    engine: str = "auto"
-    """Generation engine (reftune.engines.ENGINES: auto = static on CPU, cached on GPU | cached | static | hf | vllm, or package.module:Class)."""
-    device: str = "auto"
-    """auto | cpu | cuda | cuda:N"""
-    dtype: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16"""
-    seed: int = 0
-    """Seed (greedy decoding is deterministic; kept for the record)."""
 
     def validate(self, prefix: str = "") -> None:
-        from reftune.validate import Checks
-
-        c = Checks(self, prefix)
-        c.str("model").choice("split", EVAL_SPLITS).out_dir().int("max_new_tokens", 1).int("batch_size", 1)
-        c.engine().device().dtype().int("seed", 0, 2**32 - 1)
+        super().validate(prefix)
+        Checks(self, prefix).str("model").choice("split", EVAL_SPLITS)
         self.data.validate(prefix + "data.")
+
+
+@dataclass
+class EvalConfig(Sampling, ModelOnSplit):
+    """`reftune eval`: greedy top-1 accuracy of a checkpoint on a split."""
+
+    out_dir: str = "runs/eval"
+    """Where predictions and the summary go."""
+
+    def validate(self, prefix: str = "") -> None:
+        super().validate(prefix)
+        Checks(self, prefix).out_dir()
 
 
 EVAL_SPLITS = ("test", "validation", "train")
 # Settings that do not change what a greedy evaluation writes: an earlier eval in the folder may differ.
-EVAL_FREE = ("split", "batch_size", "device", "out_dir")
+EVAL_FREE = ("split", "gen_batch_size", "device", "out_dir", "progress")
 
 
 def run_eval(cfg: EvalConfig, overwrite: bool = False) -> dict:
@@ -119,7 +116,7 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False) -> dict:
         device = resolve_device(cfg.device)
         model = load_causal_lm(cfg.model, device, resolve_dtype(cfg.dtype, device))
         torch.manual_seed(cfg.seed)
-        generator = make_generator(cfg.engine, model, tokenizer, cfg.batch_size, model_path=cfg.model)
+        generator = make_generator(cfg.engine, model, tokenizer, cfg.gen_batch_size, model_path=cfg.model)
         summary, predictions = evaluate(generator, task, getattr(task, cfg.split), cfg.max_new_tokens)
         summary.update(model=cfg.model, task=task.name, split=cfg.split)
         if task.stats.get("skipped_long_prompts"):

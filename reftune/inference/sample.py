@@ -26,52 +26,23 @@ from pathlib import Path
 
 import torch
 
-from reftune.tasks import DataConfig, Example, Task
+from reftune.inference.evaluate import ModelOnSplit
+from reftune.options import SampleFile
+from reftune.tasks import Example, Task
+from reftune.validate import Checks
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(SampleFile, ModelOnSplit):
     """`reftune sample`: k sampled CoTs per question of a split, graded, as resumable JSONL."""
 
-    model: str = ""
-    """Checkpoint folder or Hugging Face id to sample from."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Task whose split is sampled."""
-    split: str = "test"
-    """test | validation | train"""
     out_dir: str = "runs/sample"
     """Run folder; the samples go to `{split}_samples.jsonl` in it (a rerun resumes it)."""
-    k: int = 16
-    """Samples per question (the paper: 100 for voting and reranking)."""
-    temperature: float = 1.0
-    """Sampling temperature (the paper: 1)."""
-    top_p: float = 1.0
-    """Nucleus sampling (1: off, as in the paper)."""
-    max_new_tokens: int = 256
-    """Longest sampled CoT."""
     chunk_size: int = 32
-    """Questions sampled and appended to the file at a time (what a kill can lose)."""
-    batch_size: int = 64
-    """Sequences decoded at once."""
-    engine: str = "auto"
-    """Generation engine (reftune.engines.ENGINES: auto = static on CPU, cached on GPU | cached | static | hf | vllm, or package.module:Class)."""
-    seed: int = 0
-    """Seed of the sampler; chunk i uses seed + i, so a resumed run draws what it would have."""
-    device: str = "auto"
-    """auto | cpu | cuda | cuda:N"""
-    dtype: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16"""
-    progress: bool = True
-    """Show a progress bar."""
 
     def validate(self, prefix: str = "") -> None:
-        from reftune.validate import Checks
-
-        c = Checks(self, prefix)
-        c.str("model").choice("split", ("test", "validation", "train")).out_dir().int("k", 1).temperature().top_p()
-        c.int("max_new_tokens", 1).int("chunk_size", 1).int("batch_size", 1).engine().int("seed", 0, 2**32 - 1)
-        c.device().dtype().bool("progress")
-        self.data.validate(prefix + "data.")
+        super().validate(prefix)
+        Checks(self, prefix).out_dir()
 
 
 def sample_split(generator, task: Task, examples: list[Example], k: int, temperature: float = 1.0,
@@ -177,7 +148,7 @@ def pass_at_k(records: list[dict]) -> float:
 
 
 # Settings that may change between a run and its resumption: they do not change what is sampled.
-RESUME_FREE = ("out_dir", "chunk_size", "batch_size", "device", "progress")
+RESUME_FREE = ("out_dir", "chunk_size", "gen_batch_size", "device", "progress")
 
 
 def sample_origin(cfg: SampleConfig) -> dict:
@@ -258,7 +229,7 @@ def run_sample(cfg: SampleConfig, overwrite: bool = False) -> dict:
         # 2. Model and generator.
         device = resolve_device(cfg.device)
         model = load_causal_lm(cfg.model, device, resolve_dtype(cfg.dtype, device))
-        generator = make_generator(cfg.engine, model, tokenizer, cfg.batch_size, seed=cfg.seed, model_path=cfg.model)
+        generator = make_generator(cfg.engine, model, tokenizer, cfg.gen_batch_size, seed=cfg.seed, model_path=cfg.model)
 
         # 3. Sample chunk by chunk, appending (and resuming) the file.
         start = time.time()

@@ -19,8 +19,58 @@ ANSWER_TYPES = ("number", "choice")
 
 
 @dataclass
-class DataConfig:
-    """Which task to train and evaluate on. The built-in task needs no files."""
+class BuiltinTaskOptions:
+    """The built-in generator of arithmetic word problems (`name=arithmetic`)."""
+
+    n_train: int = 2000
+    """Built-in task: number of training problems."""
+    n_test: int = 400
+    """Built-in task: number of test problems."""
+    min_steps: int = 2
+    """Built-in task: fewest arithmetic steps in a problem."""
+    max_steps: int = 4
+    """Built-in task: most arithmetic steps in a problem."""
+    max_number: int = 20
+    """Built-in task: largest number given in a question."""
+    gold_order: str = "random"
+    """Built-in task: order of steps in the gold CoT: random (one of the valid orders) | built."""
+
+
+@dataclass
+class RowFields:
+    """Where a row of a `json` or `hf` dataset keeps each part of an example."""
+
+    question_field: str = "question"
+    """json/hf: field holding the question."""
+    cot_field: str = "answer_cot"
+    """json/hf: field holding the gold chain of thought (may be absent in test files)."""
+    answer_field: str = "answer_value"
+    """json/hf: field holding the gold final answer."""
+    id_field: str = "item_id"
+    """json/hf: field holding a row id (row number when missing)."""
+    answer_type: str = "number"
+    """json/hf: number or choice."""
+
+
+@dataclass
+class HubSource:
+    """A Hugging Face `datasets` dataset (`name=hf`)."""
+
+    hf_id: str = ""
+    """hf: a Hugging Face datasets id (needs the network or a local cache)."""
+    hf_config: str = ""
+    """hf: the dataset's config name, if any."""
+    hf_train_split: str = "train"
+    """hf: split used for training."""
+    hf_test_split: str = "test"
+    """hf: split used for testing."""
+
+
+@dataclass
+class DataConfig(HubSource, RowFields, BuiltinTaskOptions):
+    """Which task to train and evaluate on, and how its prompts are built. The built-in task needs
+    no files; the other sources' own fields are grouped in the classes above (keys stay flat:
+    `data.n_train`, `data.question_field`, `data.hf_id`)."""
 
     name: str = "arithmetic"
     """arithmetic (built-in generator) | gsm8k | svamp | mathqa | mathqa_numeric | json | hf"""
@@ -40,38 +90,6 @@ class DataConfig:
     """Evaluate on at most this many test (and validation) examples (0 = all)."""
     seed: int = 0
     """Seed for the built-in generator and for the validation split."""
-    # built-in task only
-    n_train: int = 2000
-    """Built-in task: number of training problems."""
-    n_test: int = 400
-    """Built-in task: number of test problems."""
-    min_steps: int = 2
-    """Built-in task: fewest arithmetic steps in a problem."""
-    max_steps: int = 4
-    """Built-in task: most arithmetic steps in a problem."""
-    max_number: int = 20
-    """Built-in task: largest number given in a question."""
-    gold_order: str = "random"
-    """Built-in task: order of steps in the gold CoT: random (one of the valid orders) | built."""
-    # generic json / jsonl / Hugging Face datasets
-    question_field: str = "question"
-    """json/hf: field holding the question."""
-    cot_field: str = "answer_cot"
-    """json/hf: field holding the gold chain of thought (may be absent in test files)."""
-    answer_field: str = "answer_value"
-    """json/hf: field holding the gold final answer."""
-    id_field: str = "item_id"
-    """json/hf: field holding a row id (row number when missing)."""
-    answer_type: str = "number"
-    """json/hf: number or choice."""
-    hf_id: str = ""
-    """hf: a Hugging Face datasets id (needs the network or a local cache)."""
-    hf_config: str = ""
-    """hf: the dataset's config name, if any."""
-    hf_train_split: str = "train"
-    """hf: split used for training."""
-    hf_test_split: str = "test"
-    """hf: split used for testing."""
     skip_bad_rows: bool = False
     """Skip malformed rows (counted in the log) instead of stopping with an error."""
     test_only: bool = False

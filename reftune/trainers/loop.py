@@ -26,21 +26,22 @@ from reftune.engines import Generator, make_generator
 from reftune.inference.evaluate import evaluate
 from reftune.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype, resolve_mixed_precision
 from reftune.model_files import check_model_source
+from reftune.options import EVAL_SPLITS, Evaluation, LoRA, Optimizer, Sampling, TrainRuntime
 from reftune.prompt_guard import guard_prompts, model_context
+from reftune.validate import Checks
 from reftune.runs import RunFolder, RunLogger, claim_run, prepare_training_folder, progress, write_json
 from reftune.tasks import DataConfig, Task, load_task
-from reftune.trainers.distributed import (PARALLEL_MODES, Dist, copy_into, device_for, full_state_dict, init_distributed,
+from reftune.trainers.distributed import (Dist, copy_into, device_for, full_state_dict, init_distributed,
                                           load_optimizer_state, optimizer_state, wrap)
 from reftune.trainers.lora import adapter_state, apply_lora, is_peft, load_adapter_state, lora_enabled, merged_state_dict
 from reftune.trainers.rollout import step_questions
 from reftune.trainers.checkpoints import load_latest, rng_state, save_best, save_rl_checkpoint, set_rng_state
 
-EVAL_SPLITS = ("validation", "test")
 
 
 @dataclass
-class RunConfig:
-    """Fields every trainer has."""
+class RunConfig(LoRA, TrainRuntime):
+    """Fields every trainer has: the model, the task, the run folder, plus the runtime and LoRA sections."""
 
     model: str = ""
     """Model to start from: Hugging Face id or local folder."""
@@ -48,54 +49,17 @@ class RunConfig:
     """Task and data files."""
     out_dir: str = "runs/run"
     """Run folder: config, metrics, checkpoints."""
-    seed: int = 0
-    """Seed for data order, sampling and dropout."""
-    device: str = "auto"
-    """auto | cpu | cuda | cuda:N"""
-    dtype: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16"""
-    mixed_precision: str = "no"
-    """Forward passes under bf16 autocast, weights and optimizer in fp32: no | bf16 | auto (where bf16 is native)."""
-    parallel: str = "ddp"
-    """With several processes (torchrun / accelerate launch): ddp (replicated weights) | fsdp2 (sharded)."""
-    gradient_checkpointing: bool = False
-    """Recompute each decoder layer's activations in backward instead of keeping them (less memory, ~30% more compute)."""
-    lora_r: int = 0
-    """LoRA rank (0: full fine-tuning). With LoRA the reference is the adapter-disabled base (peft)."""
-    lora_alpha: float = 16.0
-    """LoRA scale numerator (the update is scaled by lora_alpha / lora_r)."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA branch's input."""
-    lora_target_modules: list[str] = field(default_factory=list)
-    """Module names that get adapters (empty: peft's default for the architecture, e.g. q_proj, v_proj)."""
-    lora_quantize: str = "no"
-    """QLoRA: load the frozen base's linear layers quantized by bitsandbytes: no | nf4 | fp4 | int8 (needs lora_r > 0)."""
-    tensorboard: bool = True
-    """Also write TensorBoard events."""
-    progress: bool = True
-    """Show a progress bar."""
 
     def validate(self, prefix: str = "") -> None:
         """Refuse a bad config before any model is loaded or any folder written: every field's type
         and range, one message naming the key, the value and what is allowed."""
-        from reftune.models import QUANTIZE
-        from reftune.validate import MIXED_PRECISION, Checks
-
-        c = Checks(self, prefix)
-        c.str("model").out_dir().int("seed", 0, 2**32 - 1).device().dtype()
-        c.choice("mixed_precision", MIXED_PRECISION).choice("parallel", PARALLEL_MODES).bool("tensorboard", "progress")
-        c.bool("gradient_checkpointing").int("lora_r", 0).float("lora_alpha", 0.0, lo_open=True).float("lora_dropout", 0.0, 1.0, hi_open=True)
-        c.choice("lora_quantize", QUANTIZE)
-        if self.lora_quantize != "no" and not self.lora_r:
-            c.fail("lora_quantize", "quantizes the frozen base of a LoRA run: set lora_r > 0 too (e.g. lora_r=16)")
-        if self.lora_r and self.parallel == "fsdp2":
-            c.fail("lora_r", "with parallel=fsdp2 is not supported yet: use parallel=ddp (LoRA's trainable "
-                             "state is small, sharding it buys little)")
+        super().validate(prefix)
+        Checks(self, prefix).str("model").out_dir()
         self.data.validate(prefix + "data.")
 
 
 @dataclass
-class OnlineConfig(RunConfig):
+class OnlineConfig(Evaluation, Sampling, Optimizer, RunConfig):
     """Fields of the trainers that sample from the policy every step (ReFT, Online-ST)."""
 
     steps: int = 100
@@ -106,43 +70,21 @@ class OnlineConfig(RunConfig):
     """CoTs sampled per question (the paper: 1)."""
     mini_batch_size: int = 8
     """Sequences per optimizer step."""
-    lr: float = 3e-7
-    """AdamW learning rate, constant (the release: 3e-7 for 7B, 3e-6 for 125M)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping threshold."""
-    temperature: float = 1.0
-    """Sampling temperature for rollouts."""
-    top_p: float = 1.0
-    """Nucleus sampling for rollouts (1: off)."""
-    max_new_tokens: int = 400
-    """Longest sampled CoT (the release: 700 total incl. a prompt of up to 300)."""
+    lr: float = 3e-7  # the release: 3e-7 for 7B, 3e-6 for 125M; constant
+    max_new_tokens: int = 400  # the release: 700 in all with a prompt of up to 300
+    eval_max_new_tokens: int = 400
     eval_every: int = 10
     """Iterations between greedy evaluations (0: only at the end)."""
-    eval_split: str = "validation"
-    """Split for periodic evaluation and best-checkpoint selection: validation | test."""
-    eval_max_new_tokens: int = 400
-    """Longest CoT in evaluation."""
     save_every: int = 10
     """Iterations between resumable checkpoints (0: only at the end)."""
-    engine: str = "auto"
-    """Generation engine (reftune.engines.ENGINES: auto = static on CPU, cached on GPU | cached | static | hf | vllm, or package.module:Class)."""
-    gen_batch_size: int = 64
-    """Sequences decoded at once."""
     logprob_chunk_size: int = 0
     """Response tokens per chunk when computing log-probs from the hidden states (0: all at once); bounds the (batch, chunk, vocab) logits held at once."""
 
     def validate(self, prefix: str = "") -> None:
-        from reftune.validate import Checks
-
         super().validate(prefix)
         c = Checks(self, prefix)
         c.int("steps", 1).int("questions_per_step", 1).int("samples_per_prompt", 1).int("mini_batch_size", 1)
-        c.float("lr", 0.0, lo_open=True).float("weight_decay", 0.0).float("max_grad_norm", 0.0, lo_open=True)
-        c.temperature().top_p().int("max_new_tokens", 1).int("eval_every", 0).choice("eval_split", EVAL_SPLITS)
-        c.int("eval_max_new_tokens", 1).int("save_every", 0).engine().int("gen_batch_size", 1)
-        c.int("logprob_chunk_size", 0)
+        c.int("eval_every", 0).choice("eval_split", EVAL_SPLITS).int("save_every", 0).int("logprob_chunk_size", 0)
 
 
 @dataclass

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from reftune.inference.sample import check_same_questions
 from reftune.tasks import DataConfig, Example, Task
+from reftune.options import Runtime, SampleFile
+from reftune.validate import Checks
 from reftune.trainers.sft import SFTConfig  # Offline-ST is SFT on a rebuilt dataset: it composes that trainer
 
 
@@ -25,7 +27,7 @@ def _offline_sft() -> SFTConfig:
 
 
 @dataclass
-class OfflineSTConfig:
+class OfflineSTConfig(SampleFile, Runtime):
     """`reftune offline-st`: SFT from the base model on gold CoTs + the warm-up model's correct samples."""
 
     base_model: str = ""
@@ -39,41 +41,17 @@ class OfflineSTConfig:
     samples: str = ""
     """An existing samples file over the training split (`reftune sample split=train`); empty: sample here."""
     k: int = 100
-    """Samples per training question (the paper: 100)."""
     max_per_question: int = 10
     """Distinct correct samples kept per question, besides the gold CoT (the paper: 10)."""
     step_budget_epochs: int = 0
     """> 0: instead of sft.epochs, train as many steps as this many epochs of gold CoTs alone (0: sft.epochs)."""
-    temperature: float = 1.0
-    """Sampling temperature (the paper: 1)."""
-    top_p: float = 1.0
-    """Nucleus sampling (1: off)."""
-    max_new_tokens: int = 256
-    """Longest sampled CoT."""
-    chunk_size: int = 64
-    """Questions sampled and appended to the samples file at a time (resume granularity)."""
-    gen_batch_size: int = 64
-    """Sequences decoded at once."""
-    engine: str = "auto"
-    """Generation engine (reftune.engines.ENGINES: auto = static on CPU, cached on GPU | cached | static | hf | vllm, or package.module:Class)."""
-    seed: int = 0
-    """Seed of the sampler and of the SFT run."""
-    device: str = "auto"
-    """auto | cpu | cuda | cuda:N"""
-    dtype: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16"""
-    progress: bool = True
-    """Show progress bars."""
     sft: SFTConfig = field(default_factory=_offline_sft)
     """SFT settings (model, data, out_dir and seed are set here; the paper: 20 epochs, lr 1e-5)."""
 
     def validate(self, prefix: str = "") -> None:
-        from reftune.validate import Checks
-
+        super().validate(prefix)
         c = Checks(self, prefix)
-        c.str("base_model", "warmup_model", "samples").out_dir().int("k", 1).int("max_per_question", 0)
-        c.int("step_budget_epochs", 0).temperature().top_p().int("max_new_tokens", 1).int("chunk_size", 1)
-        c.int("gen_batch_size", 1).engine().int("seed", 0, 2**32 - 1).device().dtype().bool("progress")
+        c.str("base_model", "warmup_model", "samples").out_dir().int("max_per_question", 0).int("step_budget_epochs", 0)
         if not self.base_model:
             c.fail("base_model", "must be set: the model SFT starts from (the paper: the base model)")
         self.data.validate(prefix + "data.")

@@ -30,16 +30,18 @@ from reftune.batching import pad_with_mask
 from reftune.inference.rerank import POSITIVE, encode_rm_input, load_reward_model
 from reftune.models import autocast, resolve_device, resolve_dtype, resolve_mixed_precision, save_hf
 from reftune.model_files import check_model_source
+from reftune.options import Optimizer, Schedule, TrainRuntime
+from reftune.validate import Checks
 from reftune.runs import RunLogger, atomic_save, progress, write_json
 from reftune.tasks import DataConfig, Task, load_task
-from reftune.trainers.distributed import PARALLEL_MODES, device_for, full_state_dict, init_distributed, scalar, wrap
+from reftune.trainers.distributed import device_for, full_state_dict, init_distributed, scalar, wrap
 from reftune.trainers.loop import NullLogger, claim_folder
 from reftune.trainers.supervised import linear_schedule, shuffled_batches
 from reftune.types import Example
 
 
 @dataclass
-class RewardModelConfig:
+class RewardModelConfig(Schedule, Optimizer, TrainRuntime):
     """Reward model for reranking: a 2-class classifier on question + sampled CoT."""
 
     model: str = ""
@@ -48,16 +50,9 @@ class RewardModelConfig:
     """Run folder: config, metrics, checkpoints/final."""
     epochs: int = 3
     """Passes over the deduplicated samples (the paper: 3)."""
-    lr: float = 1e-6
-    """Peak AdamW learning rate (the paper: 1e-6 for 7B; a tiny model from scratch needs ~1e-3)."""
+    lr: float = 1e-6  # the paper: 1e-6 for 7B; a tiny model from scratch needs ~1e-3
     batch_size: int = 32
     """Sequences per optimizer step."""
-    warmup_ratio: float = 0.1
-    """Fraction of steps with linear warm-up; linear decay to 0 after."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping threshold."""
     max_length: int = 1024
     """Prompt + CoT tokens kept; longer inputs lose the start of the prompt (the CoT's end decides)."""
     max_examples: int = 0
@@ -66,30 +61,12 @@ class RewardModelConfig:
     """Weight the loss by inverse class frequency (see the module doc; the paper: off)."""
     score_batch_size: int = 64
     """Candidates scored at once at test time."""
-    seed: int = 0
-    """Seed of the head's initialisation and the data order."""
-    device: str = "auto"
-    """auto | cpu | cuda | cuda:N"""
-    dtype: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16"""
-    mixed_precision: str = "no"
-    """Forward passes under bf16 autocast, weights and optimizer in fp32: no | bf16 | auto (where bf16 is native)."""
-    gradient_checkpointing: bool = False
-    """Recompute each decoder layer's activations in backward instead of keeping them (less memory, ~30% more compute)."""
-    parallel: str = "ddp"
-    """With several processes (torchrun / accelerate launch, `reftune reward-model` only): ddp | fsdp2."""
-    progress: bool = True
-    """Show a progress bar."""
 
     def validate(self, prefix: str = "") -> None:
-        from reftune.validate import MIXED_PRECISION, Checks
-
+        super().validate(prefix)
         c = Checks(self, prefix)
-        c.choice("mixed_precision", MIXED_PRECISION).bool("gradient_checkpointing").choice("parallel", PARALLEL_MODES)
-        c.str("model").out_dir().int("epochs", 1).float("lr", 0.0, lo_open=True).int("batch_size", 1)
-        c.float("warmup_ratio", 0.0, 1.0).float("weight_decay", 0.0).float("max_grad_norm", 0.0, lo_open=True)
-        c.int("max_length", 2).int("max_examples", 0).bool("balance_classes", "progress").int("score_batch_size", 1)
-        c.int("seed", 0, 2**32 - 1).device().dtype()
+        c.str("model").out_dir().int("epochs", 1).int("batch_size", 1)
+        c.int("max_length", 2).int("max_examples", 0).bool("balance_classes").int("score_batch_size", 1)
 
 
 @dataclass

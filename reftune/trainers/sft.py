@@ -11,10 +11,13 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from reftune.models import autocast, save_hf
+from reftune.options import Decoding, Evaluation, Optimizer, Schedule
+from reftune.validate import Checks
 from reftune.runs import atomic_save, progress, write_json
 from reftune.tasks import Example, Task
 from reftune.trainers.checkpoints import restore_sft_state, rng_state, save_sft_state
@@ -23,53 +26,31 @@ from reftune.trainers.lora import adapter_state, is_peft, merged_state_dict
 from reftune.trainers.loop import RunConfig, evaluate_split, open_run
 from reftune.trainers.supervised import IGNORE, collate, encode_sft_example, linear_schedule, sft_loss, shuffled_batches
 
-SFT_EVAL_SPLITS = ("validation", "test", "none")
-
-
 @dataclass
-class SFTConfig(RunConfig):
+class SFTConfig(Evaluation, Decoding, Schedule, Optimizer, RunConfig):
     """`reftune sft`: fine-tune a causal LM on gold chains of thought."""
 
     out_dir: str = "runs/sft"
-    """Run folder: config, metrics, checkpoints."""
     epochs: int = 3
     """Passes over the training set (the paper: 40, warm-up = epoch 2)."""
     batch_size: int = 32
-    """Sequences per micro-batch."""
+    """Training sequences per micro-batch."""
     grad_accum: int = 1
     """Micro-batches per optimizer step (global batch = batch_size * grad_accum)."""
-    lr: float = 1e-5
-    """Peak learning rate (the paper: 1e-5 for 7B models)."""
-    warmup_ratio: float = 0.1
-    """Fraction of steps with linear warm-up; linear decay to 0 after."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping threshold."""
     max_length: int = 1024
     """Prompt + CoT tokens kept (longer examples are cut on the right)."""
     save_epochs: list[int] = field(default_factory=list)
     """Epochs to keep a checkpoint of (empty: every epoch)."""
-    eval_split: str = "validation"
-    """Split evaluated after each epoch to pick the best epoch (validation | test | none)."""
-    eval_max_new_tokens: int = 256
-    """Longest CoT generated in evaluation."""
-    eval_batch_size: int = 64
-    """Questions decoded at once in evaluation."""
-    engine: str = "auto"
-    """Generation engine for evaluation (reftune.engines.ENGINES; auto = static on CPU, cached on GPU)."""
     log_every: int = 10
     """Optimizer steps between metric records."""
 
-    def validate(self, prefix: str = "") -> None:
-        from reftune.validate import Checks
+    # `batch_size` is SFT's own training batch here, not the decoding batch Decoding renames.
+    renamed: ClassVar[dict[str, str]] = {"eval_batch_size": "gen_batch_size"}
 
+    def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
         c = Checks(self, prefix)
-        c.int("epochs", 1).int("batch_size", 1).int("grad_accum", 1).float("lr", 0.0, lo_open=True)
-        c.float("warmup_ratio", 0.0, 1.0).float("weight_decay", 0.0).float("max_grad_norm", 0.0, lo_open=True)
-        c.int("max_length", 2).choice("eval_split", SFT_EVAL_SPLITS).int("eval_max_new_tokens", 1)
-        c.int("eval_batch_size", 1).engine().int("log_every", 1)
+        c.int("epochs", 1).int("batch_size", 1).int("grad_accum", 1).int("max_length", 2).int("log_every", 1)
         if not isinstance(self.save_epochs, list) or any(
                 not isinstance(e, int) or isinstance(e, bool) or not 1 <= e <= self.epochs for e in self.save_epochs):
             c.fail("save_epochs", f"must be a list of epochs between 1 and epochs={self.epochs} (empty: every epoch)")
@@ -89,7 +70,7 @@ def run_sft(cfg: SFTConfig, task: Task | None = None, train_examples: list[Examp
         if not (train_examples if train_examples is not None else task.train):
             raise ValueError(f"task {task.name}: the training split is empty")
 
-    run = open_run(cfg, task=task, engine=cfg.engine, gen_batch_size=cfg.eval_batch_size, check_task=check_task,
+    run = open_run(cfg, task=task, engine=cfg.engine, gen_batch_size=cfg.gen_batch_size, check_task=check_task,
                    resume=resume, overwrite=overwrite, command="sft")
     task, model, tokenizer, device, amp, run_dir = run.task, run.model, run.tokenizer, run.device, run.amp, run.run_dir
     examples = train_examples if train_examples is not None else task.train
