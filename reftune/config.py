@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -69,8 +70,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
 def from_dict(cls: type[T], values: dict, where: str = "config") -> T:
     """Build `cls` from a dict, refusing unknown keys and wrong types."""
     types = _field_types(cls)
+    values = _renamed_to_current(cls, values, types, where)
     unknown = sorted(set(values) - set(types))
-    _refuse_renamed(cls, unknown, where)
     if unknown:
         raise ConfigError(
             f"{where}: unknown key(s) {', '.join(map(repr, unknown))} for {cls.__name__}; "
@@ -88,13 +89,25 @@ def from_dict(cls: type[T], values: dict, where: str = "config") -> T:
     return cls(**kwargs)
 
 
-def _refuse_renamed(cls, keys, where: str) -> None:
-    """A key that a config class renamed: an error naming the new key (one name per concept)."""
-    renamed = getattr(cls, "renamed", {})
-    for key in keys:
-        if key in renamed:
-            raise ConfigError(f"{where}: key {key!r} is now called {renamed[key]!r} in {cls.__name__} "
-                              f"(set {renamed[key]} instead)")
+def _renamed_to_current(cls, values: dict, types: dict, where: str) -> dict:
+    """Keys a config class renamed (its `renamed` table, old -> new) moved to their new name with
+    a note: the old names keep working for one release. Both names at once is an error."""
+    renamed = {old: new for old, new in getattr(cls, "renamed", {}).items() if old not in types}
+    if not renamed.keys() & values.keys():
+        return values
+    values = dict(values)
+    for old, new in renamed.items():
+        if old in values:
+            if new in values:
+                raise ConfigError(f"{where}: {old!r} and {new!r} are both given; {old!r} is the old name of "
+                                  f"{new!r} in {cls.__name__}: keep {new!r}")
+            values[new] = values.pop(old)
+            _note(f"{where}: key {old!r} is now called {new!r}; the old name is accepted until the next release")
+    return values
+
+
+def _note(message: str) -> None:
+    print(f"reftune: note: {message}", file=sys.stderr, flush=True)
 
 
 def _default_section(f: dataclasses.Field) -> dict:
@@ -218,8 +231,9 @@ def apply_override(values: dict, override: str, cls) -> None:
     node, node_cls = values, cls
     for i, part in enumerate(parts):
         types = _field_types(node_cls)
+        if part not in types and part in getattr(node_cls, "renamed", {}):
+            parts[i] = part = _renamed_to_current(node_cls, {part: None}, types, f"override {override!r}").popitem()[0]
         if part not in types:
-            _refuse_renamed(node_cls, [part], f"override {override!r}")
             raise ConfigError(
                 f"override {override!r}: unknown key {'.'.join(parts[:i + 1])!r}; known keys: {', '.join(sorted(types))}"
             )

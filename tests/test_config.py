@@ -234,3 +234,51 @@ def test_a_partial_section_completes_the_default_of_its_field():
     assert (cfg.sft.epochs, cfg.sft.lr) == (default.sft.epochs, 1e-4)
     assert (cfg.data.n_train, cfg.data.n_test) == (100, default.data.n_test)
     assert from_dict(DemoConfig, {"reft": None}).reft == default.reft
+
+
+def test_a_renamed_key_works_for_one_release_with_a_note(capsys):
+    from reftune.inference.sample import SampleConfig
+    from reftune.trainers.sft import SFTConfig
+
+    # `eval_batch_size` (SFT) and `batch_size` (sample) are the old names of `gen_batch_size`.
+    assert load_config(SFTConfig, None, ["eval_batch_size=3"]).gen_batch_size == 3
+    assert load_config(SFTConfig, None, ["eval_batch_size=3"]).batch_size == 32  # SFT's own training batch stays
+    assert from_dict(SampleConfig, {"batch_size": 7}).gen_batch_size == 7
+    assert "now called 'gen_batch_size'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="both given"):
+        from_dict(SampleConfig, {"batch_size": 7, "gen_batch_size": 3})
+
+
+def test_each_shared_field_is_declared_once():
+    """A field of a shared section (runtime, sampling, LoRA, ...) is documented in its section only:
+    a config composed of sections may re-declare its default, never add a second docstring."""
+    import ast
+    import dataclasses
+    import importlib
+    import pkgutil
+
+    import reftune
+    import reftune.options as options
+
+    for mod in pkgutil.walk_packages(reftune.__path__, "reftune."):
+        importlib.import_module(mod.name)
+
+    def subclasses(cls):
+        return {cls} | {s for sub in cls.__subclasses__() for s in subclasses(sub)}
+
+    composed = {cls.__name__ for cls in subclasses(options.Section)}
+    shared = {f.name for cls in vars(options).values() if dataclasses.is_dataclass(cls) for f in dataclasses.fields(cls)}
+    documented: dict[str, list[str]] = {}
+    for path in Path(options.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ClassDef) and node.name in composed):
+                continue
+            for stmt, nxt in zip(node.body, node.body[1:]):
+                if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                        and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                        and isinstance(nxt.value.value, str)):
+                    documented.setdefault(stmt.target.id, []).append(f"{path.name}:{node.name}")
+    twice = {name: places for name, places in documented.items() if name in shared and len(places) > 1}
+    assert not twice, twice
+    assert {"SFTConfig", "ReFTConfig", "EvalConfig", "CompareConfig", "RewardModelConfig"} <= composed
+    assert {"device", "engine", "temperature", "lora_r", "lr"} <= set(documented)  # the walk found the sections
