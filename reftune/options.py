@@ -159,17 +159,27 @@ class Sampling(Decoding):
 
 
 @dataclass
-class SampleFile(Sampling):
-    """k samples per question appended to a resumable JSONL file, a chunk of questions at a time."""
+class SampleCount(Section):
+    """How many CoTs are sampled per question at inference."""
 
     k: int = 16
     """Samples per question (the paper: 100 for voting, reranking and self-training)."""
+
+    def validate(self, prefix: str = "") -> None:
+        super().validate(prefix)
+        Checks(self, prefix).int("k", 1)
+
+
+@dataclass
+class SampleFile(SampleCount, Sampling):
+    """k samples per question appended to a resumable JSONL file, a chunk of questions at a time."""
+
     chunk_size: int = 64
     """Questions sampled and appended to the file at a time (what a kill can lose)."""
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
-        Checks(self, prefix).int("k", 1).int("chunk_size", 1)
+        Checks(self, prefix).int("chunk_size", 1)
 
 
 @dataclass

@@ -65,6 +65,9 @@ def test_compare_results_and_files(comparison):
         for key in ("accuracy", "vote_accuracy", "rerank_accuracy", "sample_accuracy", "pass_at_k"):
             assert 0.0 <= entry[key] <= 1.0, key
         assert list(entry["vote_curve"]) == [1, 2, 4] and list(entry["rerank_curve"]) == [1, 2, 4]
+        assert list(entry["pass_curve"]) == [1, 2, 3, 4]  # unbiased pass@k for every k <= 4
+        assert entry["pass_curve"][4] == entry["pass_at_k"] and entry["pass_curve"][1] == pytest.approx(entry["sample_accuracy"])
+        assert entry["pass_curve"][1] <= entry["pass_curve"][2] <= entry["pass_curve"][4]
     assert result["reward_model"]["used"] and Path(result["reward_model"]["path"]).exists()
     assert json.loads((out / "compare.json").read_text())["k"] == 4
     for name in ("warmup", "sft", "reft"):

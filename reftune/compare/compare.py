@@ -179,82 +179,23 @@ def run_compare(cfg: CompareConfig, task: Task | None = None, rm_records: list[d
 
 
 def _compare(cfg: CompareConfig, task: Task, rm_records: list[dict] | None) -> dict:
-    from reftune.inference.evaluate import evaluate, save_predictions
-    from reftune.engines import make_generator
-    from reftune.models import resolve_device, resolve_dtype
+    """The comparison's stages, in order; each writes what it produces under out_dir."""
     from reftune.compare.report import write_compare_report
-    from reftune.inference.rerank import load_reward_model, rerank_curve, reward_model_path, score_records
-    from reftune.trainers.reward_model import rm_training_data, train_reward_model
-    from reftune.inference.sample import pass_at_k, sample_accuracy, sample_to_file
+    from reftune.models import resolve_device, resolve_dtype
     from reftune.runs import write_json
-    from reftune.inference.voting import voting_curve
 
     start = time.time()
     out = Path(cfg.out_dir)
-    examples = {"test": task.test, "validation": task.validation}[cfg.split]
-    methods = {m: getattr(cfg, m) for m in METHODS if getattr(cfg, m)}
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    eval_dir = Path(cfg.eval_dir) if cfg.eval_dir else out / "eval"
-
-    # 2. Each method: greedy top-1, then k samples per question (resumable) and voting@k'.
-    results: dict[str, dict] = {}
-    records_of: dict[str, list[dict]] = {}
-    for name, path in methods.items():
-        t0 = time.time()
-        samples_path = out / "samples" / f"{name}_{cfg.split}.jsonl"
-        check_samples_origin(samples_path, _origin(cfg, path, cfg.k))
-        model, tokenizer = _load(path, device, dtype)
-        generator = make_generator(cfg.engine, model, tokenizer, cfg.gen_batch_size, seed=cfg.seed)
-        summary, predictions = evaluate(generator, task, examples, cfg.max_new_tokens)
-        save_predictions(eval_dir / name, summary, predictions, cfg.split)
-        records = sample_to_file(generator, task, examples, samples_path, cfg.k, cfg.temperature, cfg.top_p,
-                                 cfg.max_new_tokens, cfg.chunk_size, cfg.seed, cfg.progress)
-        curve = voting_curve(records, task.answer_type, cfg.k)
-        records_of[name] = records
-        results[name] = {"checkpoint": path, "accuracy": summary["accuracy"], "n": summary["n"], "k": cfg.k,
-                         "vote_accuracy": curve[cfg.k], "rerank_accuracy": None, "vote_curve": curve,
-                         "rerank_curve": None, "sample_accuracy": sample_accuracy(records),
-                         "pass_at_k": pass_at_k(records), "seconds": round(time.time() - t0, 1)}
-        print(f"[compare] {name:10s} top-1 {summary['accuracy']:.3f}  vote@{cfg.k} {curve[cfg.k]:.3f}  "
-              f"pass@{cfg.k} {results[name]['pass_at_k']:.3f}", flush=True)
-        del model, generator
-
-    # 3. Reward model: given, reused from an earlier run into this folder, or trained on the warm-up
-    # model's training-split samples (each distinct completion of a question once).
-    rm_info: dict = {"used": False} if cfg.rerank else {"used": False, "note": "rerank=false"}
-    rm_path = reward_model_path(cfg.reward_model) if cfg.reward_model else ""
-    if cfg.rerank and not rm_path and (out / "rm" / "checkpoints" / "final").exists():
-        rm_path = str(out / "rm" / "checkpoints" / "final")
-        rm_info["note"] = "reused the reward model already trained in this folder"
-    if cfg.rerank and not rm_path:
-        t0 = time.time()
-        init = cfg.rm.model or cfg.sft or cfg.warmup
-        train_records = _reward_model_records(cfg, task, out, device, dtype, rm_records)
-        if not init or train_records is None:
-            rm_info["note"] = "no reward model: give reward_model, or warmup (to sample) / rm_samples, and sft"
-        else:
-            rm_cfg = dataclasses.replace(cfg.rm, model=init, out_dir=str(out / "rm"), seed=cfg.seed,
-                                         progress=cfg.rm.progress and cfg.progress)
-            trained = train_reward_model(rm_cfg, *rm_training_data(task, train_records))
-            rm_path = trained["checkpoint"]
-            rm_info.update(init=init, n_train=trained["n"], positive_fraction=trained["positive_fraction"],
-                           history=trained["history"], seconds=round(time.time() - t0, 1))
-            if trained["positive_fraction"] in (0.0, 1.0):
-                rm_info["warning"] = ("its training samples were all " + ("wrong" if trained["positive_fraction"] == 0
-                                      else "correct") + ": it learned no ranking, so reranking is arbitrary")
-    if cfg.rerank and rm_path:
-        # 4. Rerank: score every sample once, then pick among the first k' of each question.
-        t0 = time.time()
-        rm, rm_tokenizer = load_reward_model(rm_path, device, dtype)
-        for name, records in records_of.items():
-            scores = score_records(rm, rm_tokenizer, task, records, cfg.rm.score_batch_size, cfg.rm.max_length)
-            curve = rerank_curve(records, scores, cfg.k)
-            results[name].update(rerank_accuracy=curve[cfg.k], rerank_curve=curve)
-        del rm
-        rm_info.update(used=True, path=rm_path, scoring_seconds=round(time.time() - t0, 1))
-
-    # 5. Write compare.json, the plots, compare.md and compare.html.
+    # 2. Each method: greedy top-1, then k samples per question (resumable), voting and pass@k.
+    results, records_of = _evaluate_methods(cfg, task, device, dtype)
+    # 3. Reward model: given, reused from an earlier run into this folder, or trained here.
+    rm_path, rm_info = _reward_model(cfg, task, device, dtype, rm_records)
+    # 4. Rerank: score every sample once, then pick among the first k' of each question.
+    if rm_path:
+        rm_info.update(_rerank(cfg, task, rm_path, records_of, results, device, dtype))
+    # 5. compare.json, the plots, compare.md and compare.html.
     comparison = {
         "task": task.name, "style": task.style, "split": cfg.split, "k": cfg.k, "temperature": cfg.temperature,
         "top_p": cfg.top_p, "selection": "each checkpoint as given (reftune picks SFT/ReFT on the validation split)",
@@ -265,3 +206,84 @@ def _compare(cfg: CompareConfig, task: Task, rm_records: list[dict] | None) -> d
     write_compare_report(out, comparison, reft_metrics(cfg))
     print(f"[compare] report: {out / 'compare.html'}", flush=True)
     return comparison
+
+
+def _evaluate_methods(cfg: CompareConfig, task: Task, device, dtype) -> tuple[dict[str, dict], dict[str, list[dict]]]:
+    """Greedy top-1 and k samples per question of every method; (results, samples records) by method."""
+    from reftune.engines import make_generator
+    from reftune.inference.evaluate import evaluate, save_predictions
+    from reftune.inference.passk import pass_at_k_curve
+    from reftune.inference.sample import sample_accuracy, sample_to_file
+    from reftune.inference.voting import voting_curve
+
+    out = Path(cfg.out_dir)
+    eval_dir = Path(cfg.eval_dir) if cfg.eval_dir else out / "eval"
+    examples = {"test": task.test, "validation": task.validation}[cfg.split]
+    results: dict[str, dict] = {}
+    records_of: dict[str, list[dict]] = {}
+    for name, path in ((m, getattr(cfg, m)) for m in METHODS if getattr(cfg, m)):
+        t0 = time.time()
+        samples_path = out / "samples" / f"{name}_{cfg.split}.jsonl"
+        check_samples_origin(samples_path, _origin(cfg, path, cfg.k))
+        model, tokenizer = _load(path, device, dtype)
+        generator = make_generator(cfg.engine, model, tokenizer, cfg.gen_batch_size, seed=cfg.seed)
+        summary, predictions = evaluate(generator, task, examples, cfg.max_new_tokens)
+        save_predictions(eval_dir / name, summary, predictions, cfg.split)
+        records = sample_to_file(generator, task, examples, samples_path, cfg.k, cfg.temperature, cfg.top_p,
+                                 cfg.max_new_tokens, cfg.chunk_size, cfg.seed, cfg.progress)
+        curve, passes = voting_curve(records, task.answer_type, cfg.k), pass_at_k_curve(records, cfg.k)
+        records_of[name] = records
+        results[name] = {"checkpoint": path, "accuracy": summary["accuracy"], "n": summary["n"], "k": cfg.k,
+                         "vote_accuracy": curve[cfg.k], "rerank_accuracy": None, "vote_curve": curve,
+                         "rerank_curve": None, "sample_accuracy": sample_accuracy(records),
+                         "pass_at_k": passes.get(cfg.k), "pass_curve": passes, "seconds": round(time.time() - t0, 1)}
+        print(f"[compare] {name:10s} top-1 {summary['accuracy']:.3f}  vote@{cfg.k} {curve[cfg.k]:.3f}  "
+              f"pass@{cfg.k} {results[name]['pass_at_k']:.3f}", flush=True)
+        del model, generator
+    return results, records_of
+
+
+def _reward_model(cfg: CompareConfig, task: Task, device, dtype, rm_records) -> tuple[str, dict]:
+    """(path of the reward model to rerank with, or ""; what the report says of it). Given, reused
+    from an earlier run into this folder, or trained on the warm-up model's training-split samples
+    (each distinct completion of a question once)."""
+    from reftune.inference.rerank import reward_model_path
+    from reftune.trainers.reward_model import rm_training_data, train_reward_model
+
+    if not cfg.rerank:
+        return "", {"used": False, "note": "rerank=false"}
+    out, info = Path(cfg.out_dir), {"used": False}
+    if cfg.reward_model:
+        return reward_model_path(cfg.reward_model), info
+    if (out / "rm" / "checkpoints" / "final").exists():
+        info["note"] = "reused the reward model already trained in this folder"
+        return str(out / "rm" / "checkpoints" / "final"), info
+    t0 = time.time()
+    init = cfg.rm.model or cfg.sft or cfg.warmup
+    train_records = _reward_model_records(cfg, task, out, device, dtype, rm_records)
+    if not init or train_records is None:
+        info["note"] = "no reward model: give reward_model, or warmup (to sample) / rm_samples, and sft"
+        return "", info
+    rm_cfg = dataclasses.replace(cfg.rm, model=init, out_dir=str(out / "rm"), seed=cfg.seed,
+                                 progress=cfg.rm.progress and cfg.progress)
+    trained = train_reward_model(rm_cfg, *rm_training_data(task, train_records))
+    info.update(init=init, n_train=trained["n"], positive_fraction=trained["positive_fraction"],
+                history=trained["history"], seconds=round(time.time() - t0, 1))
+    if trained["positive_fraction"] in (0.0, 1.0):
+        info["warning"] = ("its training samples were all " + ("wrong" if trained["positive_fraction"] == 0
+                           else "correct") + ": it learned no ranking, so reranking is arbitrary")
+    return trained["checkpoint"], info
+
+
+def _rerank(cfg: CompareConfig, task: Task, rm_path: str, records_of: dict[str, list[dict]],
+            results: dict[str, dict], device, dtype) -> dict:
+    """Reranking@k' of every method (written into `results`); returns what the report says of it."""
+    from reftune.inference.rerank import load_reward_model, rerank_curve, score_records
+
+    t0 = time.time()
+    rm, rm_tokenizer = load_reward_model(rm_path, device, dtype)
+    for name, records in records_of.items():
+        scores = score_records(rm, rm_tokenizer, task, records, cfg.rm.score_batch_size, cfg.rm.max_length)
+        curve = rerank_curve(records, scores, cfg.k)
+        results[name].update(rerank_accuracy=curve[cfg.k], rerank_curve=curve)
+    return {"used": True, "path": rm_path, "scoring_seconds": round(time.time() - t0, 1)}

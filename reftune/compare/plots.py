@@ -39,11 +39,13 @@ def plot_accuracy_bars(path: Path, methods: dict[str, dict], names: dict[str, st
 
 
 def plot_accuracy_vs_k(path: Path, methods: dict[str, dict], names: dict[str, str]) -> None:
-    """Voting and reranking accuracy against the number of samples k (log2 axis), one line per method."""
+    """Voting, reranking and pass@k against the number of samples k (log2 axis), one line per method."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
     all_ks: set[int] = set()
-    for ax, key, title in ((axes[0], "vote_curve", "Majority voting"), (axes[1], "rerank_curve", "Reward-model reranking")):
+    panels = ((axes[0], "vote_curve", "Majority voting"), (axes[1], "rerank_curve", "Reward-model reranking"),
+              (axes[2], "pass_curve", "pass@k (unbiased)"))
+    for ax, key, title in panels:
         drawn = False
         for name, m in methods.items():
             curve = m.get(key)

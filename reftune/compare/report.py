@@ -55,6 +55,8 @@ def _notes(comparison: dict) -> list[str]:
         f"question at T={comparison['temperature']}, top-p={comparison['top_p']}; answers are normalised before "
         "voting (17.99999 and 18 are one answer), ties go to the answer seen first, unparsable answers do not vote.",
         "Reranking: the sample with the highest P(correct) under the reward model among those with a parsable answer.",
+        f"pass@{comparison['k']}: the unbiased estimate (Chen et al., 2021) that one of {comparison['k']} samples is "
+        "correct, the ceiling of voting and reranking; the plot shows pass@k for every k.",
         "Checkpoints: " + comparison["selection"] + ". The paper's release selected on the test set.",
     ]
     if rm.get("used"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from reftune.engines.base import Generator
-from reftune.options import Runtime, Sampling
+from reftune.options import Runtime, SampleCount, Sampling
 from reftune.tasks import DataConfig, Example, Task
 from reftune.validate import Checks
 from reftune.runs import atomic_write_text, write_json
@@ -41,6 +41,23 @@ def evaluate(generator: Generator, task: Task, examples: list[Example], max_new_
     return summary, predictions
 
 
+def sample_split(generator, task: Task, examples: list[Example], k: int, temperature: float = 1.0,
+                 top_p: float = 1.0, max_new_tokens: int = 256) -> list[dict]:
+    """Sample `k` CoTs for each example and grade them; one record per example (see module doc)."""
+    if not examples:
+        return []
+    prompts = [task.prompt(ex, for_generation=True) for ex in examples]
+    rollout = generator.generate(prompts, num_samples=k, temperature=temperature, top_p=top_p,
+                                 max_new_tokens=max_new_tokens)
+    row_examples = [examples[i] for i in rollout.prompt_index]
+    graded = task.grade(rollout.texts, row_examples)
+    records = [{"id": ex.id, "question": ex.question, "gold": ex.answer, "samples": []} for ex in examples]
+    for i, text, g in zip(rollout.prompt_index, rollout.texts, graded):
+        records[i]["samples"].append({"completion": task.completion_text(examples[i], text), "answer": g.answer,
+                                      "correct": bool(g.correct)})
+    return records
+
+
 def save_predictions(out_dir: str | Path, summary: dict, predictions: list[dict], name: str = "test") -> None:
     """Both files atomically (temp file + rename): a kill leaves the old pair or the new one."""
     out_dir = Path(out_dir)
@@ -67,11 +84,13 @@ class ModelOnSplit(Runtime):
 
 
 @dataclass
-class EvalConfig(Sampling, ModelOnSplit):
-    """`reftune eval`: greedy top-1 accuracy of a checkpoint on a split."""
+class EvalConfig(SampleCount, Sampling, ModelOnSplit):
+    """`reftune eval`: greedy top-1 accuracy of a checkpoint on a split; with k > 1 also k sampled
+    CoTs per question and pass@1..k."""
 
     out_dir: str = "runs/eval"
     """Where predictions and the summary go."""
+    k: int = 1  # 1: greedy top-1 only
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
@@ -85,7 +104,7 @@ EVAL_FREE = ("split", "gen_batch_size", "device", "out_dir", "progress")
 
 def run_eval(cfg: EvalConfig, overwrite: bool = False) -> dict:
     """Greedy top-1 on `cfg.split`: `{split}_predictions.jsonl` and `{split}_summary.json` in
-    out_dir. Earlier predictions of that split, or an earlier eval of another model or data in
+    out_dir; with k > 1 also `{split}_samples.jsonl` and pass@1..k in the summary. Earlier predictions of that split, or an earlier eval of another model or data in
     the folder, are never replaced without `overwrite` (then atomically)."""
     from reftune.engines import make_generator
     from reftune.model_files import check_model_source
@@ -116,10 +135,28 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False) -> dict:
         device = resolve_device(cfg.device)
         model = load_causal_lm(cfg.model, device, resolve_dtype(cfg.dtype, device))
         torch.manual_seed(cfg.seed)
-        generator = make_generator(cfg.engine, model, tokenizer, cfg.gen_batch_size, model_path=cfg.model)
-        summary, predictions = evaluate(generator, task, getattr(task, cfg.split), cfg.max_new_tokens)
+        generator = make_generator(cfg.engine, model, tokenizer, cfg.gen_batch_size, seed=cfg.seed, model_path=cfg.model)
+        examples = getattr(task, cfg.split)
+        summary, predictions = evaluate(generator, task, examples, cfg.max_new_tokens)
         summary.update(model=cfg.model, task=task.name, split=cfg.split)
         if task.stats.get("skipped_long_prompts"):
             summary["skipped_long_prompts"] = task.stats["skipped_long_prompts"][cfg.split]
+        if cfg.k > 1:  # 3. k sampled CoTs per question: pass@1..k beside greedy top-1
+            summary.update(sampled_summary(generator, task, examples, cfg, run_dir))
         save_predictions(run_dir, summary, predictions, cfg.split)
     return summary
+
+
+def sampled_summary(generator, task: Task, examples: list[Example], cfg: EvalConfig, run_dir: Path) -> dict:
+    """Sample `cfg.k` CoTs per question, write them to `{split}_samples.jsonl` (the samples file
+    format of `reftune sample`) and return the sample accuracy and the unbiased pass@1..k."""
+    from reftune.inference.passk import pass_at_k_curve
+
+    start = time.time()
+    records = sample_split(generator, task, examples, cfg.k, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+    atomic_write_text(run_dir / f"{cfg.split}_samples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    n_samples = sum(len(r["samples"]) for r in records)
+    return {"k": cfg.k, "temperature": cfg.temperature, "top_p": cfg.top_p,
+            "sample_accuracy": sum(s["correct"] for r in records for s in r["samples"]) / max(n_samples, 1),
+            **{f"pass@{k}": v for k, v in pass_at_k_curve(records).items()},
+            "sampling_seconds": round(time.time() - start, 2)}

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from reftune.inference.evaluate import ModelOnSplit
+from reftune.inference.evaluate import ModelOnSplit, sample_split  # noqa: F401  (sample_split re-exported)
+from reftune.inference.passk import pass_at_k_curve
 from reftune.options import SampleFile
 from reftune.tasks import Example, Task
 from reftune.validate import Checks
@@ -43,23 +44,6 @@ class SampleConfig(SampleFile, ModelOnSplit):
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
         Checks(self, prefix).out_dir()
-
-
-def sample_split(generator, task: Task, examples: list[Example], k: int, temperature: float = 1.0,
-                 top_p: float = 1.0, max_new_tokens: int = 256) -> list[dict]:
-    """Sample `k` CoTs for each example and grade them; one record per example (see module doc)."""
-    if not examples:
-        return []
-    prompts = [task.prompt(ex, for_generation=True) for ex in examples]
-    rollout = generator.generate(prompts, num_samples=k, temperature=temperature, top_p=top_p,
-                                 max_new_tokens=max_new_tokens)
-    row_examples = [examples[i] for i in rollout.prompt_index]
-    graded = task.grade(rollout.texts, row_examples)
-    records = [{"id": ex.id, "question": ex.question, "gold": ex.answer, "samples": []} for ex in examples]
-    for i, text, g in zip(rollout.prompt_index, rollout.texts, graded):
-        records[i]["samples"].append({"completion": task.completion_text(examples[i], text), "answer": g.answer,
-                                      "correct": bool(g.correct)})
-    return records
 
 
 def read_samples(path: str | Path, repair: bool = False) -> list[dict]:
@@ -142,9 +126,10 @@ def sample_accuracy(records: list[dict]) -> float:
     return sum(s["correct"] for r in records for s in r["samples"]) / max(n, 1)
 
 
-def pass_at_k(records: list[dict]) -> float:
-    """Fraction of questions with at least one correct sample (the ceiling of voting and reranking)."""
-    return sum(any(s["correct"] for s in r["samples"]) for r in records) / max(len(records), 1)
+def pass_at_summary(records: list[dict]) -> dict:
+    """`pass@k` for every k up to the samples per question (unbiased: reftune.inference.passk), as
+    flat `pass@1`, `pass@2`, ... keys; `pass@n` is the share of questions with a correct sample."""
+    return {f"pass@{k}": v for k, v in pass_at_k_curve(records).items()}
 
 
 # Settings that may change between a run and its resumption: they do not change what is sampled.
@@ -243,7 +228,7 @@ def run_sample(cfg: SampleConfig, overwrite: bool = False) -> dict:
     summary = {"path": str(path), "model": cfg.model, "task": task.name, "split": cfg.split, "n": len(records),
                "k": cfg.k, "sample_accuracy": sample_accuracy(records),
                f"vote_accuracy@{cfg.k}": voting_accuracy(records, task.answer_type, cfg.k),
-               f"pass@{cfg.k}": pass_at_k(records), "seconds": round(time.time() - start, 1)}
+               **pass_at_summary(records), "seconds": round(time.time() - start, 1)}
     write_json(run_dir / f"{cfg.split}_samples_summary.json", summary)
     folder.release()
     return summary
