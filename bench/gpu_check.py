@@ -79,7 +79,7 @@ NEEDED = {
     "transformers": ("transformers", "the model"),
     "tokenizers": ("tokenizers", "the tokenizer trained here"),
     "peft": ("peft", "the LoRA rows"),
-    "yaml": ("pyyaml", "every run folder writes config.yaml"),
+    "yaml": ("pyyaml", "the run folders' config.yaml"),
     "tqdm": ("tqdm", "the trainers' progress bars"),
 }
 
@@ -186,10 +186,12 @@ def matmul_peak(size: Size, device: torch.device) -> dict:
     """Throughput of an n x n x n matmul in the run's dtype: the achievable peak the rows are set against."""
     n, dtype = size.matmul_n, DTYPES[size.dtype]
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    repeats = 20
+    warm_until = time.perf_counter() + 0.5  # long enough for the GPU's clocks to rise from idle
+    while time.perf_counter() < warm_until:
+        for _ in range(3):
+            a @ b
+        sync(device)
+    repeats = 50
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
