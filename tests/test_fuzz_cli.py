@@ -179,6 +179,7 @@ def make_cases(tiny: str, warm: str) -> list[dict]:
     return cases
 
 
+@pytest.mark.slow  # 48 mutated inputs, each a full command run
 def test_fuzzed_inputs_exit_cleanly_and_touch_nothing_else(sibling, tiny_model, warmup_model, tmp_path, monkeypatch,
                                                            capsys):
     monkeypatch.chdir(tmp_path)  # relative paths a mutation produces stay in here

@@ -23,6 +23,8 @@ from safetensors.torch import load_file
 from reftune.cli import main
 from reftune.runs import LOCK_NAME, read_jsonl
 
+pytestmark = pytest.mark.slow  # each test kills and resumes a few subprocess runs
+
 QUIET = ["progress=false", "device=cpu", "tensorboard=false"]
 TIMING = ("seconds", "time", "elapsed")
 RUNNER = "import sys\nfrom reftune.cli import main\nsys.exit(main(sys.argv[1:]))\n"
