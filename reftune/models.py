@@ -137,6 +137,17 @@ def _check_4bit_layers(model):
     return model
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant checkpoints).
+    transformers 5 renamed `gradient_checkpointing_enable` to `activation_checkpointing_enable` and
+    drops the old name in v6; releases before the rename have only the old one."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def is_quantized(model) -> bool:
     """Weights loaded through bitsandbytes (a QLoRA base)."""
     return getattr(model, "hf_quantizer", None) is not None
@@ -175,8 +186,9 @@ def autocast(enabled: bool, device: torch.device):
     """Mixed precision for one forward pass: matmuls in bf16, weights, gradients, optimizer state and
     losses in the model's dtype (fp32 master weights). A no-op context when not enabled.
 
-    Measured on 2 cores with AVX512-BF16, the demo's tiny model: a PPO iteration's forwards and
-    backward 1.3-1.5x faster than fp32 at 1 thread, 1.2x at 2 (bench/bench_mixed_precision.py).
+    Measured on a 2-core AMD EPYC with avx512_bf16, the demo's tiny model: a PPO iteration's forwards
+    and backward 1.34x faster than fp32 at 1 thread, 1.19x at 2 (bench/bench_mixed_precision.py,
+    commit 16b8002; docs/performance.md).
     """
     if not enabled:
         return contextlib.nullcontext()

@@ -2,7 +2,7 @@
 log (JSONL, plus TensorBoard when installed), atomic writes of files and checkpoint folders, and
 the progress bar. No torch, no models.
 
-The rules every command follows (README "Mistakes and recovery"):
+The rules every command follows (docs/usage.md, "Mistakes and recovery"):
 - a folder is claimed with a lock file (`.reftune.lock`, a POSIX record lock: the kernel drops it
   when the process dies, so a lock left by a killed run is stale by construction and taken over);
   a second command on a folder that is in use is refused;
@@ -391,19 +391,6 @@ def prepare_training_folder(folder: RunFolder, *, resume: bool, overwrite: bool,
         note(f"{run_dir}: an earlier attempt stopped before its first checkpoint; its logs ({', '.join(stale)}) "
              f"are replaced")
     return "fresh"
-
-
-def start_run(run_dir: str | Path, cfg, resume: bool = False) -> Path:
-    """Create the run folder and write the resolved config, refusing a folder with another run's
-    checkpoints (kept for callers that manage no lock; commands use `claim_run`)."""
-    run_dir = Path(run_dir)
-    held = held_outputs(run_dir) if run_dir.is_dir() else []
-    if held and not resume:
-        raise FileExistsError(f"{run_dir} already holds checkpoints ({', '.join(held[:3])}): choose another "
-                              f"out_dir, delete it, or resume it")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    return run_dir
 
 
 # ---------------------------------------------------------------------------- metrics log

@@ -293,8 +293,29 @@ def test_one_registry_entry_adds_an_engine(monkeypatch):
     assert "dummy (a test engine)" in str(err.value) and "static" in str(err.value)
 
 
-def test_static_is_registered():
-    assert ENGINES["static"].target == "reftune.engines.static:StaticSampler"
+@pytest.mark.parametrize("name", ["cached", "hf", "static"])
+def test_each_registered_engine_builds_its_class_and_samples(name, early_eos, prompts):
+    """A registry entry is all it takes: `make_generator(name)` builds the class the entry names
+    (imported on its own here), passes the arguments through, and the engine samples with the
+    model: its greedy tokens are the model's argmax at every step."""
+    from reftune.engines.cached import CachedSampler
+    from reftune.engines.hf import HFGenerator
+
+    model, tok = early_eos
+    expected = {"cached": CachedSampler, "hf": HFGenerator, "static": StaticSampler}[name]
+    module, cls = ENGINES[name].target.split(":")
+    assert getattr(importlib.import_module(module), cls) is expected
+    engine = make_generator(name, model, tok, batch_size=2, seed=0)
+    assert type(engine) is expected and engine.batch_size == 2 and engine.model is model
+    r = engine.generate(prompts[:3], greedy=True, max_new_tokens=6)
+    assert len(r.texts) == 3
+    with torch.no_grad():
+        for row in range(3):
+            prompt = r.prompt_ids[row][r.prompt_mask[row].bool()]
+            response = r.response_ids[row][r.response_mask[row].bool()]
+            ids = torch.cat([prompt, response]).unsqueeze(0)
+            argmax = model(ids).logits[0, len(prompt) - 1:-1].argmax(-1)
+            assert response.tolist() == argmax.tolist(), (name, row)
 
 
 def test_auto_engine_is_static_on_a_cpu(untrained):

@@ -1,4 +1,4 @@
-"""The package's shape, checked so it stays as the README describes it: imports only run down the
+"""The package's shape, checked so it stays as docs/design.md describes it: imports only run down the
 layers (no circles), trainers do not borrow from each other, the RL math imports only torch, every
 engine is reachable through the registry alone, and no file grows past ~600 lines."""
 

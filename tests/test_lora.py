@@ -15,7 +15,8 @@ from conftest import small_data
 
 pytest.importorskip("peft")
 
-from reftune.trainers.lora import apply_lora, merged_state_dict  # noqa: E402
+from reftune.models import merged_state_dict  # noqa: E402
+from reftune.trainers.lora import apply_lora  # noqa: E402
 from reftune.trainers.reft import ReFTConfig, run_reft  # noqa: E402
 
 LORA = dict(lora_r=4, lora_alpha=8.0, lora_target_modules=["q_proj", "v_proj"])

@@ -53,9 +53,10 @@ def check_engine(name: str, key: str = "engine") -> None:
 
 
 def resolve_engine(name: str, model) -> str:
-    """The engine `auto` stands for, by where `model` lives: `static` on a CPU (1.4-2.1x `generate`
-    there, bench/bench_rollout.py), `cached` elsewhere (static's gains come from per-call overhead
-    that a GPU hides behind its kernels; not measured on one yet). Other names are returned as given."""
+    """The engine `auto` stands for, by where `model` lives: `static` on a CPU (1.8x `generate`'s
+    tokens/s there: docs/performance.md, bench/bench_rollout.py), `cached` elsewhere (static's gains
+    come from per-call overhead that a GPU hides behind its kernels; not measured on one yet).
+    Other names are returned as given."""
     if name != "auto":
         return name
     return "static" if next(model.parameters()).device.type == "cpu" else "cached"

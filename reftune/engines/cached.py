@@ -24,8 +24,8 @@ def sample_next(logits: torch.Tensor, greedy: bool, temperature: float, top_p: f
 
 class CachedSampler:
     """Rows that hit EOS are dropped from the batch as they finish, so short answers stop costing
-    compute. On CPU with a small model this is on par with `model.generate` (0.9-1.2x its tokens/s:
-    bench/bench_rollout.py)."""
+    compute. On CPU with a small model this is on par with `model.generate` (0.9-1.2x its tokens/s
+    on a 2-core AMD EPYC with AVX2: bench/bench_rollout.py, docs/performance.md)."""
 
     def __init__(self, model, tokenizer, batch_size: int = 64, seed: int | None = None, model_path: str | None = None):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size

@@ -165,15 +165,6 @@ def origin_changes(samples_path: Path, origin: dict, run_dir: Path | None = None
     return []
 
 
-def check_resumable(cfg: SampleConfig) -> None:
-    """Refuse to append to a samples file drawn with other settings (model, k, temperature, data...)."""
-    run_dir = Path(cfg.out_dir)
-    changed = origin_changes(run_dir / f"{cfg.split}_samples.jsonl", sample_origin(cfg), run_dir, cfg)
-    if changed:
-        raise ValueError(f"{run_dir} holds samples drawn with other settings ({', '.join(changed)} differ); "
-                         f"use another out_dir, the same settings to resume, or --overwrite to replace them")
-
-
 def run_sample(cfg: SampleConfig, overwrite: bool = False) -> dict:
     """Sample the split into `{out_dir}/{split}_samples.jsonl`; returns a summary (also saved).
     A rerun with the same settings resumes the file; other settings are refused unless

@@ -166,6 +166,11 @@ def generate_examples(cfg: DataConfig, style: str) -> dict[str, list[Example]]:
         raise ValueError(f"data.min_steps/max_steps must satisfy 1 <= min <= max, got {cfg.min_steps}/{cfg.max_steps}")
     if cfg.max_number < 4:
         raise ValueError(f"data.max_number must be at least 4, got {cfg.max_number}")
+    if cfg.validation_size > cfg.n_train:
+        # The validation split is drawn like the others (about 1 problem in 10 lands in it), so an
+        # oversized one would spend minutes generating problems before failing or training.
+        raise ValueError(f"data.validation_size={cfg.validation_size}: must be at most data.n_train "
+                         f"({cfg.n_train}) on the built-in task")
     want = {"train": cfg.n_train, "validation": cfg.validation_size, "test": cfg.n_test}
     out: dict[str, list[Example]] = {k: [] for k in want}
     seen: set[str] = set()

@@ -24,7 +24,8 @@ import torch
 
 from reftune.engines import Generator, make_generator
 from reftune.inference.evaluate import evaluate
-from reftune.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype, resolve_mixed_precision
+from reftune.models import (enable_activation_checkpointing, is_peft, load_causal_lm, load_tokenizer, merged_state_dict,
+                            resolve_device, resolve_dtype, resolve_mixed_precision)
 from reftune.model_files import check_model_source
 from reftune.options import EVAL_SPLITS, Evaluation, LoRA, Optimizer, Sampling, TrainRuntime
 from reftune.prompt_guard import guard_prompts, model_context
@@ -33,7 +34,7 @@ from reftune.runs import RunFolder, RunLogger, claim_run, prepare_training_folde
 from reftune.tasks import DataConfig, Task, load_task
 from reftune.trainers.distributed import (Dist, copy_into, device_for, full_state_dict, init_distributed,
                                           load_optimizer_state, optimizer_state, wrap)
-from reftune.trainers.lora import adapter_state, apply_lora, is_peft, load_adapter_state, lora_enabled, merged_state_dict
+from reftune.trainers.lora import adapter_state, apply_lora, load_adapter_state, lora_enabled
 from reftune.trainers.rollout import step_questions
 from reftune.trainers.checkpoints import load_latest, rng_state, save_best, save_rl_checkpoint, set_rng_state
 
@@ -196,7 +197,7 @@ def open_run(cfg: RunConfig, *, resume: bool = False, task: Task | None = None, 
     torch.manual_seed(cfg.seed)
     model = load_causal_lm(policy_path, device, dtype, quantize=cfg.lora_quantize)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if lora_enabled(cfg):
         model = apply_lora(model, cfg)
         if latest is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 
-from reftune.models import is_peft, is_quantized, merged_state_dict  # noqa: F401  (re-exported)
+from reftune.models import is_peft, is_quantized
 
 
 def lora_enabled(cfg) -> bool:

@@ -121,10 +121,11 @@ def shared_prompt_forward(model, value_head, input_ids, attention_mask, response
     """`forward_logits_values` over rows that come in groups of `group_size` samples of one prompt (the
     rollout layout), running each prompt once: the prompt pass fills a KV cache, which is repeated
     for the group's rows, and the responses run on it. Same log-probs, values and gradients (to
-    float rounding) as the full pass; at 4 samples per question of the demo's task about 1.5x
-    faster, with and without gradients (bench/bench_prompt_sharing.py). `prompt_index` (B,) instead
-    of `group_size`: row i continues prompt number prompt_index[i], groups of any sizes (Online-ST's
-    gold and distinct own CoTs of a question); each prompt's rows hold the same prompt tokens.
+    float rounding) as the full pass; at 4 samples per question of the demo's task 1.56x faster,
+    with and without gradients (bench/bench_prompt_sharing.py, docs/performance.md).
+    `prompt_index` (B,) instead of `group_size`: row i continues prompt number prompt_index[i],
+    groups of any sizes (Online-ST's gold and distinct own CoTs of a question); each prompt's rows
+    hold the same prompt tokens.
 
     Shapes: input_ids, attention_mask (B, P+R) with B = G * group_size; response_ids (B, R);
     returns logits (B, R, V) and values (B, R) or None, as `forward_logits_values`. Two forward

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-from reftune.models import autocast, load_causal_lm
+from reftune.models import autocast, is_peft, load_causal_lm
 from reftune.rewards.score import RewardSpec
 from reftune.tasks import Task
 from reftune.trainers import algorithms as A
 from reftune.trainers.advantages import get_estimator
 from reftune.trainers.distributed import gradient_sync, scalar
-from reftune.trainers.lora import is_peft, reference_mode
+from reftune.trainers.lora import reference_mode
 from reftune.trainers.loop import Callbacks, OnlineConfig, OnlineRun
 from reftune.trainers.policy import ValueHead, frozen_forward, policy_forward
 from reftune.trainers.rollout import sample_and_score

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from reftune.batching import pad_with_mask
 from reftune.inference.rerank import POSITIVE, encode_rm_input, load_reward_model
-from reftune.models import autocast, resolve_device, resolve_dtype, resolve_mixed_precision, save_hf
+from reftune.models import (autocast, enable_activation_checkpointing, resolve_device, resolve_dtype,
+                            resolve_mixed_precision, save_hf)
 from reftune.model_files import check_model_source
 from reftune.options import Optimizer, Schedule, TrainRuntime
 from reftune.validate import Checks
@@ -155,7 +156,7 @@ def _train(cfg: RewardModelConfig, dist, run_dir, prompts, completions, labels) 
     # 2. Classifier from the initial checkpoint; inputs tokenised once.
     model, tokenizer = load_reward_model(cfg.model, device, resolve_dtype(cfg.dtype, device))
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.train()
     train_model = wrap(model, dist)  # DDP, or sharded in place (fsdp2): the optimizer comes after
     rows = [encode_rm_input(tokenizer, p, c, cfg.max_length) for p, c in zip(prompts, completions)]

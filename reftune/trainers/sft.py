@@ -15,16 +15,17 @@ from typing import ClassVar
 
 import torch
 
-from reftune.models import autocast, save_hf
+from reftune.models import autocast, is_peft, merged_state_dict, save_hf
 from reftune.options import Decoding, Evaluation, Optimizer, Schedule
 from reftune.validate import Checks
 from reftune.runs import atomic_save, progress, write_json
 from reftune.tasks import Example, Task
 from reftune.trainers.checkpoints import restore_sft_state, rng_state, save_sft_state
 from reftune.trainers.distributed import Dist, copy_into, full_state_dict, optimizer_state, scalar
-from reftune.trainers.lora import adapter_state, is_peft, merged_state_dict
+from reftune.trainers.lora import adapter_state
 from reftune.trainers.loop import RunConfig, evaluate_split, open_run
 from reftune.trainers.supervised import IGNORE, collate, encode_sft_example, linear_schedule, sft_loss, shuffled_batches
+
 
 @dataclass
 class SFTConfig(Evaluation, Decoding, Schedule, Optimizer, RunConfig):
