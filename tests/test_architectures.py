@@ -321,7 +321,9 @@ def test_sft_reft_eval_sample_and_lora(name, family_folder, small_task, tmp_path
     folder = family_folder(name)
     sft = run_sft(SFTConfig(model=folder, epochs=1, batch_size=16, lr=3e-3, eval_split="none", max_length=CONTEXT,
                             **quiet(tmp_path / "sft")), task=small_task)["checkpoints"][1]
-    reft = run_reft(reft_config(sft, tmp_path / "reft"), task=small_task)
+    # The demo's setting: where the static engine runs its own loop, PPO's old log-probs and values
+    # come from its decoding steps (Generator.set_value_head).
+    reft = run_reft(reft_config(sft, tmp_path / "reft", engine_old_logprobs=True), task=small_task)
     assert len(reft["history"]) == 2 and all(torch.isfinite(torch.tensor(h["reft/kl"])) for h in reft["history"])
     policy = reft["best_checkpoint"]
     assert type(AutoModelForCausalLM.from_pretrained(policy)).__name__ == type(

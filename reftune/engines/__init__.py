@@ -1,7 +1,8 @@
 """Generation engines: one `Generator` interface (`base.py`), one file per engine, one registry.
 
 Owns: sampling CoTs from a policy and returning them as a `Rollout` (token ids + masks).
-May import: `reftune.batching` and third-party libraries; never tasks, rewards or trainers.
+May import: `reftune.batching`, `reftune.models` (token conventions, context), `reftune.runs` (notes) and
+third-party libraries; never tasks, rewards or trainers.
 
 Adding an engine: write `engines/<name>.py` with a class taking
 `(model, tokenizer, batch_size=..., seed=..., model_path=...)`, subclassing `Generator` and

@@ -93,6 +93,7 @@ class GenerationLimits:
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.context = context if context is not None else model_context(model)
         self._noted = False
+        self._stops: dict[torch.device, torch.Tensor] = {}  # stop_ids as a tensor, per device
 
     def budget(self, prompt_lengths: list[int], max_new_tokens: int, engine: str = "engine") -> int:
         """New tokens every row of a call may sample (see the class doc)."""
@@ -109,7 +110,10 @@ class GenerationLimits:
 
     def stopped(self, tokens: torch.Tensor) -> torch.Tensor:
         """Bool mask of `tokens` (any shape) that are stop tokens."""
-        return torch.isin(tokens, torch.tensor(self.stop_ids, device=tokens.device))
+        stops = self._stops.get(tokens.device)
+        if stops is None:
+            stops = self._stops[tokens.device] = torch.tensor(self.stop_ids, device=tokens.device)
+        return torch.isin(tokens, stops)
 
 
 def new_token_budget(context: int | None, longest_prompt: int, max_new_tokens: int) -> int:

@@ -21,7 +21,7 @@ or calls:
   rollout, so sampled decode steps of an sdpa model switch the model's `_attn_implementation` to
   "eager" (restored after; the additive mask suits both). Greedy keeps sdpa: eager's rounding
   differs from `generate`'s in the last bits, which can flip a near-tie argmax.
-- Finished rows: the loop ends when every row has emitted EOS, and when half the batch has
+- Finished rows: the loop ends when every row has emitted a stop token, and when half the batch has
   finished the survivors are compacted (rows and cache) so finished answers stop costing compute.
 
 Greedy output is the same as `model.generate` token for token: the same sdpa kernel sees the
