@@ -85,15 +85,21 @@ def _model_vocab_size(name_or_path: str) -> int | None:
         return None
 
 
+PAD_NAMES = ("pad", "padding", "pad_token", "finetune_right_pad_id")
+"""Added tokens that are pads by name (brackets and bars aside): `<pad>`, `[PAD]`, `<|padding|>`, ..."""
+
+
 def pad_candidates(tok) -> list[int]:
     """Ids of tokens that can pad without changing what the tokenizer encodes: special or added
     tokens already in its vocabulary that are neither EOS nor BOS: the unknown token (Llama-2's and
-    Mistral's convention), then added tokens named like a pad (`<|padding|>`, `<pad>`,
-    `<|finetune_right_pad_id|>`), then reserved special tokens."""
+    Mistral's convention), then added tokens named as a pad (`PAD_NAMES`: `<|padding|>`, `<pad>`,
+    Llama-3.1's `<|finetune_right_pad_id|>`), then reserved or unused special tokens (Llama-3's
+    `<|reserved_special_token_0|>`, Gemma's `<unused0>`)."""
     taken = {tok.eos_token_id, tok.bos_token_id}
-    added = sorted(getattr(tok, "added_tokens_decoder", {}).items())
-    padlike = [i for i, t in added if "pad" in str(t).lower()]
-    reserved = [i for i, t in added if "reserved" in str(t).lower()]
+    added = [(i, str(t).strip("<>|[] ").lower()) for i, t in sorted(getattr(tok, "added_tokens_decoder", {}).items())]
+    # By exact name: a multimodal tokenizer's `<|image_pad|>` marks where image features go.
+    padlike = [i for i, name in added if name in PAD_NAMES]
+    reserved = [i for i, name in added if name.startswith(("reserved", "unused"))]
     unk = [tok.unk_token_id] if tok.unk_token_id is not None else []
     return [i for i in dict.fromkeys(unk + padlike + reserved) if i not in taken]
 

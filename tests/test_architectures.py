@@ -183,6 +183,26 @@ def test_tokens_follow_the_familys_conventions(name, family_folder, prompts, tmp
     assert AutoTokenizer.from_pretrained(tmp_path).chat_template == raw.chat_template
 
 
+def test_a_missing_pad_is_an_existing_token_named_as_one(small_task, tmp_path):
+    """Llama-3's conventions: no pad, no unknown token, a reserved range, `<|finetune_right_pad_id|>`
+    and a multimodal `<|image_pad|>` (never a pad: it marks image features); with a small
+    embedding table, only candidates inside it count."""
+    from reftune.models import assign_pad, pad_candidates
+
+    added = ("<|image_pad|>", "<|reserved_special_token_0|>", "<|finetune_right_pad_id|>", "<|eot_id|>")
+    texts = tokenizer_corpus(small_task)[:50]
+    tok = train_tokenizer(texts, 300, tokens={"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"},
+                          added=added, add_bos=True)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in added}
+    assert pad_candidates(tok) == [ids["<|finetune_right_pad_id|>"], ids["<|reserved_special_token_0|>"]]
+    before = [tok(t)["input_ids"] for t in texts[:3]]
+    assign_pad(tok)
+    assert tok.pad_token == "<|finetune_right_pad_id|>" and [tok(t)["input_ids"] for t in texts[:3]] == before
+    small = train_tokenizer(texts, 300, tokens={"eos_token": "<|end_of_text|>"}, added=added)
+    assign_pad(small, vocab_size=small.convert_tokens_to_ids("<|reserved_special_token_0|>") + 1)
+    assert small.pad_token == "<|reserved_special_token_0|>"
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_value_head_reads_what_the_lm_head_reads(name, family_folder, prompts):
     model, tok = loaded(family_folder(name))
