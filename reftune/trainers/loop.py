@@ -35,6 +35,7 @@ from reftune.tasks import DataConfig, Task, load_task
 from reftune.trainers.distributed import (Dist, copy_into, device_for, full_state_dict, init_distributed,
                                           load_optimizer_state, optimizer_state, wrap)
 from reftune.trainers.lora import adapter_state, apply_lora, load_adapter_state, lora_enabled
+from reftune.trainers.policy import check_model_options
 from reftune.trainers.rollout import step_questions
 from reftune.trainers.checkpoints import load_latest, rng_state, save_best, save_rl_checkpoint, set_rng_state
 
@@ -204,6 +205,7 @@ def open_run(cfg: RunConfig, *, resume: bool = False, task: Task | None = None, 
             if "adapter" not in latest[1]:
                 raise ValueError(f"{latest[0]}: no LoRA adapter in this checkpoint (was the run trained with lora_r=0?)")
             load_adapter_state(model, latest[1]["adapter"])
+    check_model_options(cfg, model)  # model-dependent options, before any rollout
     rollout_model = model
     if dist.sharded:  # rollouts and evaluation run on an unsharded replica (see trainers/distributed.py)
         rollout_model = load_causal_lm(policy_path, device, dtype).eval().requires_grad_(False)

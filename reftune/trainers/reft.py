@@ -123,7 +123,7 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
         load_causal_lm(cfg.ref_model or cfg.model, device, dtype).eval().requires_grad_(False)
     value_head = None
     if estimator.uses_value_head:
-        value_head = ValueHead(model.config.hidden_size, cfg.value_dropout).to(device, dtype)  # dtype: bf16 hidden states
+        value_head = ValueHead.for_model(model, cfg.value_dropout).to(device, dtype)  # dtype: bf16 hidden states
     # What forwards and backwards go through: the modules themselves, or their data-parallel wrappers.
     policy, critic = run.train_model, (run.wrap(value_head) if value_head is not None else None)
     params = [p for p in model.parameters() if p.requires_grad] + \
@@ -148,9 +148,9 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
     # The static engine decodes with the live policy: its log-probs of the sampled tokens are the old
     # ones (up to float rounding; not so under bf16 autocast), and given the value head it also
     # returns the old values. (Under fsdp2 the value head is sharded: its forward is a collective.)
-    from_engine = cfg.engine_old_logprobs and not amp and not run.dist.sharded and hasattr(run.generator, "value_head")
+    from_engine = cfg.engine_old_logprobs and not amp and not run.dist.sharded and run.generator.supports_value_head
     if from_engine:
-        run.generator.value_head = value_head
+        run.generator.set_value_head(value_head)
 
     for step in run.steps():
         t0 = time.time()

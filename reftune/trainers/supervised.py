@@ -9,6 +9,7 @@ import random
 import torch
 
 from reftune.batching import pad, pad_with_mask
+from reftune.models import encode_prompt
 
 IGNORE = -100  # label value that cross-entropy skips: prompt and padding positions
 
@@ -18,7 +19,7 @@ def encode_sft_example(tokenizer, prompt: str, target: str, max_length: int) -> 
 
     The loss falls on the CoT and the EOS only, as in the paper; the model must learn to stop.
     """
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    prompt_ids = encode_prompt(tokenizer, prompt)  # as the engines feed it (the tokenizer's BOS where it adds one)
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = (prompt_ids + target_ids)[:max_length]
     labels = ([IGNORE] * len(prompt_ids) + target_ids)[:max_length]
