@@ -61,7 +61,7 @@ class ReFTConfig(OnlineConfig):
     whiten_advantages: bool = True
     """Whiten GAE advantages over all response tokens of the rollout batch."""
     whiten_min_std: float = 1e-4
-    """Advantages whose batch std is below this (reward units) are centred but not divided by it: float noise must not become a unit-sized step."""
+    """Whitened advantages whose batch std is below this (reward units) are float noise and become 0, not unit-sized (no step on noise)."""
     policy_loss: str = "ppo"
     """ppo (clipped surrogate, the paper) | cispo (clipped, detached importance weight times log-prob)."""
     importance_level: str = "token"
