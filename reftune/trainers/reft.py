@@ -400,10 +400,9 @@ def ppo_update(batch: ReFTBatch, learner: Learner, layout: BatchLayout, cfg: ReF
     stats: dict[str, list[float]] = {}
     for _ in range(cfg.ppo_epochs):
         for idx in layout.mini_batches(batch.rows):
-            total = float(units[idx].sum())
-            if run.dist.enabled:  # DDP averages gradients over processes: weigh by the global units
-                total = run.dist.sum_floats(total)[0]
-            total = max(total, 1.0)
+            # DDP averages the gradients of the processes: weigh by the units of all of them (a
+            # device tensor: NCCL reduces no CPU ones)
+            total = max(float(run.dist.all_reduce_sum(units[idx].sum())), 1.0)
             learner.optimizer.zero_grad(set_to_none=True)
             summed: dict[str, float] = {}
             micros = layout.micro_batches(idx)
