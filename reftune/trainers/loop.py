@@ -173,6 +173,8 @@ class TrainingRun:
     `generator` (the engine, where there is one), `step` (optimizer steps, or RL steps, done),
     `epoch` (epochs done), `best_accuracy`, `history`."""
 
+    unit = "step"
+    """What the trainer counts: step (a rollout and its updates) or epoch (a pass over the data)."""
     log_tensorboard = True
     """Mirror the metrics to TensorBoard when the config's `tensorboard` is on."""
 
@@ -193,6 +195,8 @@ class TrainingRun:
                                          command=command or name, resumable=resumable)
         try:
             self.latest: tuple[Path, dict] | None = load_latest(Path(cfg.out_dir)) if mode == "resume" else None
+            if self.latest:
+                self._check_written_by(*self.latest)
             self.check_resume_point()
             self.run_dir = self.folder.begin(cfg) if self.folder is not None else Path(cfg.out_dir)
             self.dist.barrier()  # the folder is ready before any rank reads from it
@@ -236,7 +240,6 @@ class TrainingRun:
         self.logger.truncate_after(self.step)
 
     def _restore(self, path: Path, state: dict) -> None:
-        self._check_written_by(path, state)
         rng = state.get("rng_per_rank", [state["rng"]])
         if len(rng) != self.dist.world_size:
             raise ValueError(f"{path} was written by {len(rng)} process(es), this run has {self.dist.world_size}: "
@@ -254,12 +257,12 @@ class TrainingRun:
         self.restore_own(state)
 
     def _check_written_by(self, path: Path, state: dict) -> None:
-        """Refuse a checkpoint another trainer wrote (states written before they were labelled: an
-        epoch trainer's has a data order, a step trainer's has none)."""
+        """Refuse, before anything is written, a checkpoint another trainer wrote (of states written
+        before they were labelled, an epoch trainer's has a data order, a step trainer's none)."""
         written = state.get("trainer")
         if written is None:
-            written = "sft" if "order_rng" in state else "a step-counted trainer (train, online-st)"
-            mismatch = ("order_rng" in state) != (self.order_rng is not None)
+            written = "sft" if "order_rng" in state else "a trainer counted in steps (train, online-st)"
+            mismatch = ("order_rng" in state) != (self.unit == "epoch")
         else:
             mismatch = written != self.name
         if mismatch:

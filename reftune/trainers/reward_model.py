@@ -210,6 +210,8 @@ class RewardModelRun(TrainingRun):
     """The reward model's run on the shared loop: a sequence classifier initialised from
     `cfg.model` (a new score head), no engine, no evaluation; the result is `checkpoints/final`."""
 
+    unit = "epoch"
+
     log_tensorboard = False  # a few records per run: metrics.jsonl holds them
 
     def __init__(self, cfg: RewardModelConfig, *, key: str, **options):

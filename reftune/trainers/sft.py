@@ -147,6 +147,8 @@ class SFTRun(PolicyRun):
     `eval_split`, keeps the epoch as an HF folder `checkpoints/epoch-N` when `save_epochs` names it
     (or it is the last), and writes the resume state; the best epoch is the best kept one."""
 
+    unit = "epoch"
+
     def __init__(self, cfg: SFTConfig, **options):
         super().__init__(cfg, "sft", **options)
         self.checkpoints: dict[int, str] = {}  # the kept epochs' HF folders
