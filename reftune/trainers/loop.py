@@ -24,15 +24,19 @@ A trainer counted in steps (each: a rollout, then updates):
 
 A supervised trainer counted in epochs (SFT; the reward model likewise, without evaluation):
 
-    run = SFTRun(cfg, task=task, resume=resume)
-    run.attach(optimizer, scheduler=scheduler, order_rng=order_rng)   # restored on resume
-    for epoch in run.epochs(cfg.epochs, steps_per_epoch):       # from the epoch after the resumed one
-        for batch in shuffled_batches(n, cfg.batch_size, order_rng):
-            rows, stand_in = run.share(batch)                   # this process's rows of the batch
-            ...  # forwards and backwards
-            grad_norm, lr = run.optimizer_step(loss, params)    # non-finite stop, clip, step, schedule
-        run.end_epoch(epoch, record)                            # sync engine, eval, kept epoch, checkpoint
-    return run.finish(...)                                      # result.json
+    with SFTRun(cfg, task=task, resume=resume) as run:          # `with`: the folder is let go on any error
+        run.attach(optimizer, scheduler=scheduler, order_rng=order_rng)   # restored on resume
+        for epoch in run.epochs(cfg.epochs, steps_per_epoch):   # from the epoch after the resumed one
+            for batch in shuffled_batches(n, cfg.batch_size, run.order_rng):
+                rows, stand_in = run.share(batch)               # this process's rows of the batch
+                ...  # forwards and backwards
+                grad_norm, lr = run.optimizer_step(loss, params)  # non-finite stop, clip, step, schedule
+            run.end_epoch(epoch, record)                        # sync engine, eval, kept epoch, checkpoint
+        return run.finish(...)                                  # result.json
+
+The run folder holds config.yaml (written once the checks pass), metrics.jsonl (cut back to the
+resume point on resume), the checkpoints (trainers/checkpoints.py: one format, with `latest.json`
+naming the resume point: `checkpoints/step-N` for steps, `resume/` for epochs) and result.json.
 
 A new trainer picks the run class by its unit, or subclasses one: `check_inputs` (before the folder
 is claimed), `check_resume_point` (once the checkpoint to resume is known), `load_models` (what is
@@ -196,7 +200,7 @@ class TrainingRun:
         try:
             self.latest: tuple[Path, dict] | None = load_latest(Path(cfg.out_dir)) if mode == "resume" else None
             if self.latest:
-                self._check_written_by(*self.latest)
+                self._check_resumable(*self.latest)
             self.check_resume_point()
             self.run_dir = self.folder.begin(cfg) if self.folder is not None else Path(cfg.out_dir)
             self.dist.barrier()  # the folder is ready before any rank reads from it
@@ -240,10 +244,6 @@ class TrainingRun:
         self.logger.truncate_after(self.step)
 
     def _restore(self, path: Path, state: dict) -> None:
-        rng = state.get("rng_per_rank", [state["rng"]])
-        if len(rng) != self.dist.world_size:
-            raise ValueError(f"{path} was written by {len(rng)} process(es), this run has {self.dist.world_size}: "
-                             f"resume with the same number of processes")
         if self.value_head is not None:
             load_state(self.value_head, torch.load(path / "value_head.pt"), self.dist)
         load_optimizer_state(self._optimized, self.optimizer, state["optimizer"], self.dist)
@@ -251,14 +251,15 @@ class TrainingRun:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.order_rng is not None:
             self.order_rng.setstate(state["order_rng"])
-        set_rng_state(rng[self.dist.rank], self.generator)
+        set_rng_state(state.get("rng_per_rank", [state["rng"]])[self.dist.rank], self.generator)
         self.step = self.start_step = state["step"]
         self.epoch, self.best_accuracy, self.history = state.get("epoch", 0), state["best_accuracy"], list(state["history"])
         self.restore_own(state)
 
-    def _check_written_by(self, path: Path, state: dict) -> None:
-        """Refuse, before anything is written, a checkpoint another trainer wrote (of states written
-        before they were labelled, an epoch trainer's has a data order, a step trainer's none)."""
+    def _check_resumable(self, path: Path, state: dict) -> None:
+        """Refuse, before anything is written, a checkpoint another trainer wrote (of the states
+        written before they were labelled, an epoch trainer's has a data order, a step trainer's
+        none) or another number of processes."""
         written = state.get("trainer")
         if written is None:
             written = "sft" if "order_rng" in state else "a trainer counted in steps (train, online-st)"
@@ -268,6 +269,10 @@ class TrainingRun:
         if mismatch:
             raise ValueError(f"{path} is a checkpoint of {written}, not of {self.name}: resume it with the command "
                              f"that wrote it, or start {self.name} in another out_dir")
+        processes = len(state.get("rng_per_rank", [state["rng"]]))
+        if processes != self.dist.world_size:
+            raise ValueError(f"{path} was written by {processes} process(es), this run has {self.dist.world_size}: "
+                             f"resume with the same number of processes")
 
     def share(self, batch: list) -> tuple[list, bool]:
         """This process's rows of a batch split over the processes, and whether they are a stand-in:
