@@ -70,8 +70,12 @@ class RunConfig:
     """Module names that get adapters (empty: peft's default for the architecture, e.g. q_proj, v_proj)."""
     lora_quantize: str = "no"
     """QLoRA: load the frozen base's linear layers quantized by bitsandbytes: no | nf4 | fp4 | int8 (needs lora_r > 0)."""
+    report_to: list[str] | str = field(default_factory=lambda: ["tensorboard"])
+    """Trackers besides metrics.jsonl (always written): tensorboard | wandb | trackio | mlflow | jsonl | none | all | package.module:Class (reftune.trackers)."""
+    log_samples_every: int = 0
+    """Steps between tables of sampled CoTs (prompt, completion, answers, reward) sent to the trackers and samples.jsonl (ReFT, Online-ST; 0: off)."""
     tensorboard: bool = True
-    """Also write TensorBoard events."""
+    """Deprecated (use report_to): false removes tensorboard from report_to."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -79,6 +83,7 @@ class RunConfig:
         """Refuse a bad config before any model is loaded or any folder written: every field's type
         and range, one message naming the key, the value and what is allowed."""
         from reftune.models import QUANTIZE
+        from reftune.trackers import check_report_to
         from reftune.validate import MIXED_PRECISION, Checks
 
         c = Checks(self, prefix)
@@ -86,6 +91,7 @@ class RunConfig:
         c.choice("mixed_precision", MIXED_PRECISION).choice("parallel", PARALLEL_MODES).bool("tensorboard", "progress")
         c.bool("gradient_checkpointing").int("lora_r", 0).float("lora_alpha", 0.0, lo_open=True).float("lora_dropout", 0.0, 1.0, hi_open=True)
         c.choice("lora_quantize", QUANTIZE)
+        check_report_to(self, prefix)
         if self.lora_quantize != "no" and not self.lora_r:
             c.fail("lora_quantize", "quantizes the frozen base of a LoRA run: set lora_r > 0 too (e.g. lora_r=16)")
         if self.lora_r and self.parallel == "fsdp2":
@@ -188,6 +194,12 @@ class NullLogger:
     def log(self, step: int, metrics: dict) -> None:
         pass
 
+    def log_samples(self, step: int, rows: list[dict], name: str = "samples") -> None:
+        pass
+
+    def log_rollout(self, step: int, scored, tokenizer) -> None:
+        pass
+
     def truncate_after(self, step: int) -> None:
         pass
 
@@ -269,7 +281,7 @@ def open_run(cfg: RunConfig, *, resume: bool = False, task: Task | None = None, 
         sampler_seed += 1_000_003 * dist.rank  # each rank samples its own questions with its own stream
     generator = make_generator(engine, rollout_model, tokenizer, gen_batch_size, seed=sampler_seed,
                                model_path=policy_path)
-    logger = RunLogger(run_dir, cfg.tensorboard) if dist.is_main else NullLogger()
+    logger = RunLogger.for_run(run_dir, cfg) if dist.is_main else NullLogger()
     return OpenedRun(run_dir, device, amp, dtype, task, tokenizer, model, generator, logger, latest, folder,
                      dist, train_model, rollout_model)
 

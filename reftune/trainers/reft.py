@@ -261,6 +261,7 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
             gap = (ro.sampling_logprobs.to(device) - old_logprobs).abs()
             metrics["reft/engine_logprob_gap"] = float(A.masked_mean(gap, response_mask))
         metrics = run.average(metrics)  # over processes: every one holds the same number of rows
+        run.logger.log_rollout(step + 1, scored, run.tokenizer)  # every log_samples_every steps: a table of CoTs
         # 8. Engine sync, periodic evaluation + best policy, history, log, resumable checkpoint.
         run.end_step(step, metrics, postfix=dict(score=f"{metrics['reft/score']:.3f}", kl=f"{mean_kl:.3f}"))
     return run.finish(kl_coef=kl_coef)
