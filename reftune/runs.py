@@ -528,8 +528,8 @@ class RunLogger:
             if path.exists():
                 kept = [r for r in read_jsonl(path) if isinstance(r.get("step"), int) and r["step"] <= step]
                 atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-        for name, tracker in self.trackers.items():
-            tracker.truncate_after(step)
+        for name in list(self.trackers):
+            self._send(name, "truncate_after", step)
             last = self._resumed_to[name]
             if last > step:
                 span = f"step {last} as the interrupted attempt sent it" if last == step + 1 else \

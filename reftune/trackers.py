@@ -24,6 +24,7 @@ installed (`check_report_to`), so a missing extra is refused before any folder i
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import importlib.util
@@ -40,6 +41,10 @@ from reftune.config import ConfigError
 
 SAMPLE_COLUMNS = ("id", "prompt", "completion", "answer", "gold", "correct", "reward", "truncated")
 """Columns of the sampled-CoT tables the online trainers log (`rollout_rows`)."""
+
+
+class TrackerError(ValueError):
+    """A tracker that could not start (a login missing, a store that refuses): the user's setup."""
 
 
 @dataclass(frozen=True)
@@ -176,7 +181,7 @@ def open_tracker(name: str, run_dir: Path, saved: dict | None):
     try:
         return cls(Path(run_dir), saved)
     except Exception as e:  # noqa: BLE001  (any backend's start failure, reported as the user's setting)
-        raise RuntimeError(f"report_to={name}: could not start it: {type(e).__name__}: {e}") from e
+        raise TrackerError(f"report_to={name}: could not start it: {type(e).__name__}: {e}") from e
 
 
 # ---------------------------------------------------------------------------- what gets sent
@@ -330,6 +335,10 @@ class WandbTracker(Tracker):
                               dir=None if os.environ.get("WANDB_DIR") else str(self.run_dir),
                               id=saved["id"] if self.resumed else None, resume="allow" if self.resumed else None,
                               reinit="create_new")
+        # A run that ends without close() (an interruption, an error) is finished as failed at exit:
+        # under a wandb-core service shared with a parent process (WANDB_SERVICE) it would otherwise
+        # stay open there, and its resume would be refused as "in use".
+        atexit.register(self._at_exit)
 
     def state(self) -> dict:
         return {"id": self.run.id, "project": self.run.project}
@@ -346,7 +355,14 @@ class WandbTracker(Tracker):
         self.run.config.update(config, allow_val_change=True)
 
     def close(self) -> None:
+        atexit.unregister(self._at_exit)
         self.run.finish()
+
+    def _at_exit(self) -> None:
+        try:
+            self.run.finish(exit_code=1)
+        except Exception:  # noqa: BLE001  (the process is ending; W&B reports its own trouble)
+            pass
 
 
 class TrackioTracker(Tracker):
@@ -411,6 +427,7 @@ class MlflowTracker(Tracker):
             self.uri = mlflow.get_tracking_uri()
             self.run_id = self._reopen(saved) or self._create()
         self.resumed = bool(saved) and saved.get("run_id") == self.run_id
+        atexit.register(self._at_exit)  # a run that ends without close() shows as KILLED, not RUNNING
 
     def _reopen(self, saved: dict | None) -> str | None:
         if not saved or not saved.get("run_id"):
@@ -458,4 +475,11 @@ class MlflowTracker(Tracker):
         self.client.log_dict(self.run_id, config, "config.json")
 
     def close(self) -> None:
+        atexit.unregister(self._at_exit)
         self.client.set_terminated(self.run_id, "FINISHED")
+
+    def _at_exit(self) -> None:
+        try:
+            self.client.set_terminated(self.run_id, "KILLED")
+        except Exception:  # noqa: BLE001  (the process is ending)
+            pass

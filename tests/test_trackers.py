@@ -23,7 +23,7 @@ from conftest import small_data, small_overrides
 from reftune.cli import main
 from reftune.config import ConfigError, load_config
 from reftune.runs import RunLogger, read_jsonl
-from reftune.trackers import SAMPLE_COLUMNS, Tracker, check_report_to, resolve_report_to
+from reftune.trackers import SAMPLE_COLUMNS, Tracker, TrackerError, check_report_to, resolve_report_to
 from reftune.trainers.online_st import OnlineSTConfig, run_online_st
 from reftune.trainers.reft import ReFTConfig
 
@@ -77,7 +77,13 @@ def offline(tmp_path, monkeypatch) -> dict:
                        **places}.items():
         monkeypatch.setenv(var, value)
     (tmp_path / "mlruns").mkdir()
-    return places
+    # wandb.init in this process starts a wandb-core service and exports WANDB_SERVICE so that child
+    # processes share it; the processes started here get services of their own, as a command does.
+    service = os.environ.pop("WANDB_SERVICE", None)
+    yield places
+    os.environ.pop("WANDB_SERVICE", None)
+    if service is not None:
+        os.environ["WANDB_SERVICE"] = service
 
 
 def test_the_network_guard_refuses_outside_connections(no_network):
@@ -242,6 +248,18 @@ def test_a_tracker_that_breaks_is_dropped_and_the_run_goes_on(tmp_path, capfd):
     assert "report_to=test_trackers:Failing: log failed (RuntimeError: the disk is full)" in err
 
 
+class Unreachable(Tracker):
+    def __init__(self, run_dir: Path, saved: dict | None = None):
+        raise ConnectionError("the tracking server does not answer")
+
+
+def test_a_tracker_that_cannot_start_stops_the_run_with_its_name(tmp_path):
+    with pytest.raises(TrackerError, match="report_to=test_trackers:Unreachable: could not start it: "
+                                           "ConnectionError: the tracking server does not answer"):
+        RunLogger(tmp_path, report_to=["tensorboard", "test_trackers:Unreachable"])
+    assert issubclass(TrackerError, ValueError)  # the CLI's "error:" line, exit 2: a setup to fix, not a bug
+
+
 # ----------------------------------------------------------------------------- a RunLogger, two attempts
 
 CONFIG = {"model": "tiny", "lr": 3e-7, "data": {"task": "gsm8k", "style": "nl"}}
@@ -315,6 +333,36 @@ def test_run_logger_trackio_holds_each_step_once(tmp_path, offline):
     assert tio["config"]["data"] == CONFIG["data"]
     assert sorted(tio["tables"]) == [2, 4] and tio["tables"][4][2]["completion"] == "2 + 4 = 6"
     assert Path(offline["TRACKIO_DIR"], "reftune.db").exists()
+
+
+SHARED_SERVICE_ATTEMPT = """
+import sys
+from pathlib import Path
+from reftune.runs import RunLogger
+logger = RunLogger(Path(sys.argv[1]), report_to=["wandb"], config={"lr": 0.1})
+step = int(sys.argv[2])
+logger.truncate_after(step - 1)
+logger.log(step, {"reft/score": float(step)})
+if step == 1:
+    raise KeyboardInterrupt  # the attempt ends without close()
+logger.close()
+"""
+
+
+def test_an_interrupted_wandb_run_resumes_under_a_wandb_service_shared_with_a_parent(tmp_path, offline):
+    """A parent that used W&B exports its wandb-core service (WANDB_SERVICE) to the commands it starts
+    (the demo runs its stages so): an attempt that ended without close() must not leave the run open
+    there, or its resume is refused as "in use"."""
+    import wandb
+
+    wandb.init(project="reftune", dir=str(tmp_path), reinit="create_new").finish()
+    assert os.environ.get("WANDB_SERVICE")
+    run = tmp_path / "run"
+    attempts = [subprocess.run([sys.executable, "-c", GUARD + SHARED_SERVICE_ATTEMPT, str(run), str(step)],
+                               capture_output=True, text=True, timeout=300) for step in (1, 2)]
+    assert "KeyboardInterrupt" in attempts[0].stderr and attempts[1].returncode == 0, attempts[1].stderr[-3000:]
+    wb = wandb_read(run)
+    assert wb["steps"] == [(1, 1), (2, 2)] and len(wb["ids"]) == 2 and len(set(wb["ids"])) == 1
 
 
 # ----------------------------------------------------------------------------- trainers
