@@ -61,14 +61,29 @@ class TrainRuntime(Runtime):
     """With several processes (torchrun / accelerate launch): ddp (replicated weights) | fsdp2 (sharded)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward instead of keeping them (less memory, ~30% more compute)."""
-    tensorboard: bool = True
-    """Also write TensorBoard events."""
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
         c = Checks(self, prefix)
-        c.choice("mixed_precision", MIXED_PRECISION).choice("parallel", PARALLEL_MODES)
-        c.bool("gradient_checkpointing", "tensorboard")
+        c.choice("mixed_precision", MIXED_PRECISION).choice("parallel", PARALLEL_MODES).bool("gradient_checkpointing")
+
+
+@dataclass
+class Tracking(Section):
+    """Where a training run's metrics, config and sampled CoTs go besides metrics.jsonl (reftune.trackers)."""
+
+    report_to: list[str] | str = field(default_factory=lambda: ["tensorboard"])
+    """Trackers besides metrics.jsonl (always written): tensorboard | wandb | trackio | mlflow | jsonl | none | all | package.module:Class (reftune.trackers)."""
+    log_samples_every: int = 0
+    """Steps between tables of sampled CoTs (prompt, completion, answers, reward) sent to the trackers and samples.jsonl (ReFT, Online-ST; 0: off)."""
+    tensorboard: bool = True
+    """Deprecated (use report_to): false removes tensorboard from report_to."""
+
+    def validate(self, prefix: str = "") -> None:
+        from reftune.trackers import check_report_to
+
+        super().validate(prefix)
+        check_report_to(self, prefix)
 
 
 @dataclass

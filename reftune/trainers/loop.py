@@ -58,7 +58,7 @@ from reftune.inference.evaluate import evaluate
 from reftune.models import (enable_activation_checkpointing, is_peft, load_causal_lm, load_tokenizer, merged_state_dict, resolve_device, resolve_dtype,
                             resolve_mixed_precision)
 from reftune.model_files import check_model_source
-from reftune.options import EVAL_SPLITS, Evaluation, LoRA, Optimizer, Sampling, TrainRuntime
+from reftune.options import EVAL_SPLITS, Evaluation, LoRA, Optimizer, Sampling, Tracking, TrainRuntime
 from reftune.prompt_guard import guard_prompts, model_context
 from reftune.validate import Checks
 from reftune.runs import RunFolder, RunLogger, claim_run, prepare_training_folder, progress, write_json
@@ -72,8 +72,8 @@ from reftune.trainers.checkpoints import load_latest, rng_state, save_best, save
 
 
 @dataclass
-class RunConfig(LoRA, TrainRuntime):
-    """Fields every trainer has: the model, the task, the run folder, plus the runtime and LoRA sections."""
+class RunConfig(Tracking, LoRA, TrainRuntime):
+    """Fields every trainer has: the model, the task, the run folder, plus the runtime, LoRA and tracking sections."""
 
     model: str = ""
     """Model to start from: Hugging Face id or local folder."""
@@ -135,6 +135,12 @@ class NullLogger:
     def log(self, step: int, metrics: dict) -> None:
         pass
 
+    def log_samples(self, step: int, rows: list[dict], name: str = "samples") -> None:
+        pass
+
+    def log_rollout(self, step: int, scored, tokenizer) -> None:
+        pass
+
     def truncate_after(self, step: int) -> None:
         pass
 
@@ -180,8 +186,8 @@ class TrainingRun:
 
     unit = "step"
     """What the trainer counts: step (a rollout and its updates) or epoch (a pass over the data)."""
-    log_tensorboard = True
-    """Mirror the metrics to TensorBoard when the config's `tensorboard` is on."""
+    use_trackers = True
+    """Send metrics to the config's `report_to` trackers (False: metrics.jsonl only)."""
 
     def __init__(self, cfg, name: str, *, resume: bool = False, overwrite: bool = False, command: str | None = None,
                  resumable: bool = True, callbacks: Callbacks | None = None):
@@ -208,13 +214,18 @@ class TrainingRun:
             random.seed(cfg.seed)
             torch.manual_seed(cfg.seed)
             self.load_models()
-            self.logger = RunLogger(self.run_dir, cfg.tensorboard and self.log_tensorboard) if self.dist.is_main \
-                else NullLogger()
+            self.logger = self.open_logger() if self.dist.is_main else NullLogger()
         except BaseException:
             self.release()
             raise
 
     # -- what a subclass says: its checks, its models, its own state
+
+    def open_logger(self) -> RunLogger:
+        """metrics.jsonl, plus the config's trackers when this run uses them."""
+        if self.use_trackers:
+            return RunLogger.for_run(self.run_dir, self.cfg)
+        return RunLogger(self.run_dir, tensorboard=False)
 
     def check_inputs(self) -> None:
         """Checks before the run folder is claimed (the task, the model files)."""

@@ -219,6 +219,7 @@ def run_online_st(cfg: OnlineSTConfig, resume: bool = False, task: Task | None =
                                ce_rows=sum(len(q.targets) for q in data), seconds=time.time() - t0,
                                seconds_generate=t_gen)
         metrics = run.average(metrics)  # over processes (each CE is a mean over its own share)
+        run.logger.log_rollout(step + 1, scored, run.tokenizer)  # every log_samples_every steps: a table of CoTs
         # 7. Engine sync, periodic evaluation + best policy, history, log, resumable checkpoint.
         run.end_step(step, metrics, postfix=dict(score=f"{metrics['online_st/score']:.3f}", own=n_own))
     return run.finish()

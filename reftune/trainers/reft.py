@@ -286,6 +286,7 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
             metrics = reft_metrics(got, batch, learner, stats, **trained, seconds=time.time() - t0,  # 5. metrics
                                    seconds_generate=t_gen)
             metrics = run.average(metrics)  # over processes: every one holds the same number of rows
+            run.logger.log_rollout(step + 1, got.sampled, run.tokenizer)  # every log_samples_every steps: a table
             # Engine sync, periodic evaluation + best policy, history, log, resumable checkpoint.
             run.end_step(step, metrics, postfix=dict(score=f"{metrics['reft/score']:.3f}",
                                                      kl=f"{metrics.get('reft/kl', float('nan')):.3f}"))

@@ -212,7 +212,7 @@ class RewardModelRun(TrainingRun):
 
     unit = "epoch"
 
-    log_tensorboard = False  # a few records per run: metrics.jsonl holds them
+    use_trackers = False  # a few records per run: metrics.jsonl holds them
 
     def __init__(self, cfg: RewardModelConfig, *, key: str, **options):
         self._key = key  # the config key that names the initial checkpoint, for its error message
