@@ -26,9 +26,9 @@ def evaluate(generator: Generator, task: Task, examples: list[Example], max_new_
     rollout = generator.generate(prompts, greedy=True, max_new_tokens=max_new_tokens)
     graded = task.grade(rollout.texts, examples)
     predictions = [
-        {"id": ex.id, "question": ex.question, "completion": task.completion_text(ex, text), "answer": g.answer,
-         "gold": ex.answer, "correct": g.correct, **({"reason": g.reason} if g.reason else {})}
-        for ex, text, g in zip(examples, rollout.texts, graded)
+        {"id": ex.id, "question": ex.question, "prompt": prompt, "completion": task.completion_text(ex, text),
+         "answer": g.answer, "gold": ex.answer, "correct": g.correct, **({"reason": g.reason} if g.reason else {})}
+        for ex, prompt, text, g in zip(examples, prompts, rollout.texts, graded)
     ]
     n = len(examples)
     summary = {

@@ -5,7 +5,7 @@ test time, and the training data of Offline self-training and of the reward mode
 
 File format, one line per question (`{split}_samples.jsonl`):
 
-    {"id": ..., "question": ..., "gold": "18",
+    {"id": ..., "question": ..., "prompt": <the prompt as the model was given it>, "gold": "18",
      "samples": [{"completion": <full CoT>, "answer": "18" | null, "correct": true}, ...]}
 
 `completion` is the full CoT (`task.completion_text`: with `program_header_in_prompt` the header
@@ -55,7 +55,8 @@ def sample_split(generator, task: Task, examples: list[Example], k: int, tempera
                                  max_new_tokens=max_new_tokens)
     row_examples = [examples[i] for i in rollout.prompt_index]
     graded = task.grade(rollout.texts, row_examples)
-    records = [{"id": ex.id, "question": ex.question, "gold": ex.answer, "samples": []} for ex in examples]
+    records = [{"id": ex.id, "question": ex.question, "prompt": prompt, "gold": ex.answer, "samples": []}
+               for ex, prompt in zip(examples, prompts)]
     for i, text, g in zip(rollout.prompt_index, rollout.texts, graded):
         records[i]["samples"].append({"completion": task.completion_text(examples[i], text), "answer": g.answer,
                                       "correct": bool(g.correct)})

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from reftune.models import autocast, load_causal_lm
-from reftune.rewards.score import RewardSpec
+from reftune.options import Rewards
 from reftune.tasks import Task
 from reftune.trainers import algorithms as A
 from reftune.trainers.advantages import get_estimator
@@ -24,14 +24,14 @@ from reftune.trainers.distributed import gradient_sync, scalar
 from reftune.trainers.lora import is_peft, reference_mode
 from reftune.trainers.loop import Callbacks, OnlineConfig, OnlineRun
 from reftune.trainers.policy import ValueHead, frozen_forward, policy_forward
-from reftune.trainers.rollout import sample_and_score
+from reftune.trainers.rollout import build_rewards, sample_and_score
 
 KL_COEF_BY_STYLE = {"nl": 0.05, "program": 0.01}  # the release's defaults (0.01 for MathQA-numeric N-CoT)
 KL_ESTIMATORS = ("k1", "k3")
 
 
 @dataclass
-class ReFTConfig(OnlineConfig):
+class ReFTConfig(Rewards, OnlineConfig):
     """`reftune train`: PPO from a warm-up SFT checkpoint (ReFT)."""
 
     model: str = ""
@@ -70,17 +70,6 @@ class ReFTConfig(OnlineConfig):
     """k1 (log-ratio, the paper) | k3 (non-negative, low variance)."""
     kl_in_reward: bool = True
     """True: -kl_coef*KL in every token's reward (the paper). False: kl_coef*KL as a loss term."""
-    score_correct: float = 1.0
-    """Reward of a correct answer."""
-    score_wrong: float = 0.1
-    """Reward of an extracted but wrong answer."""
-    score_none: float = 0.0
-    """Reward when no answer could be extracted."""
-
-    @property
-    def reward(self) -> RewardSpec:
-        return RewardSpec(self.score_correct, self.score_wrong, self.score_none)
-
     @property
     def kl_in_loss(self) -> bool:
         """Where the KL acts, decided once: in the loss when asked, or when there is no critic
@@ -100,7 +89,7 @@ class ReFTConfig(OnlineConfig):
             c.fail("micro_batch_size", f"does not divide mini_batch_size={self.mini_batch_size}")
         if self.kl_coef is not None:
             c.float("kl_coef", 0.0, note="null: the release's default for the CoT style")
-        c.bool("whiten_advantages", "kl_in_reward").float("score_correct").float("score_wrong").float("score_none")
+        c.bool("whiten_advantages", "kl_in_reward")
         get_estimator(self.advantage, self.samples_per_prompt)
         if self.questions_per_step * self.samples_per_prompt < self.mini_batch_size:
             c.fail("mini_batch_size", f"is larger than the rollout batch (questions_per_step * samples_per_prompt = "
@@ -118,6 +107,7 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
 
     # 2. Frozen reference, value head on the shared backbone, optimizer (restored when resuming).
     dtype = next(model.parameters()).dtype
+    rewards = build_rewards(cfg, device, dtype)  # correctness, reward functions, reward model
     # With LoRA the reference is the policy with its adapter disabled: no second copy of the base.
     ref_model = model if is_peft(model) and not cfg.ref_model else \
         load_causal_lm(cfg.ref_model or cfg.model, device, dtype).eval().requires_grad_(False)
@@ -157,7 +147,7 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
         # 3. Rollout: sample CoTs for this step's questions and score the answers.
         questions = run.questions(step)  # this process's share
         scored = sample_and_score(run.generator, run.task, questions, cfg.samples_per_prompt, cfg.temperature,
-                                  cfg.top_p, cfg.max_new_tokens, cfg.reward)
+                                  cfg.top_p, cfg.max_new_tokens, rewards)
         ro = scored.rollout
         input_ids, attention_mask = ro.input_ids, ro.attention_mask
         response_mask, P = ro.response_mask.float(), ro.prompt_ids.shape[1]
@@ -254,6 +244,7 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
             "reft/seconds": time.time() - t0,
             "reft/seconds_generate": t_gen,
             **{f"reft/{k}": sum(v) / len(v) for k, v in stats.items()},
+            **{f"reft/reward/{k}": v for k, v in scored.reward_means.items()},
         }
         if value_head is not None:
             metrics["reft/value_explained_var"] = float(A.explained_variance(old_values, returns, response_mask))

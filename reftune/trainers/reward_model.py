@@ -28,7 +28,7 @@ from pathlib import Path
 
 from reftune.batching import pad_with_mask
 from reftune.inference.rerank import POSITIVE, encode_rm_input, load_reward_model
-from reftune.models import autocast, resolve_device, resolve_dtype, resolve_mixed_precision, save_hf
+from reftune.models import autocast, load_tokenizer, resolve_device, resolve_dtype, resolve_mixed_precision, save_hf
 from reftune.model_files import check_model_source
 from reftune.options import Optimizer, Schedule, TrainRuntime
 from reftune.validate import Checks
@@ -37,7 +37,6 @@ from reftune.tasks import DataConfig, Task, load_task
 from reftune.trainers.distributed import device_for, full_state_dict, init_distributed, scalar, wrap
 from reftune.trainers.loop import NullLogger, claim_folder
 from reftune.trainers.supervised import linear_schedule, shuffled_batches
-from reftune.types import Example
 
 
 @dataclass
@@ -96,7 +95,8 @@ def run_reward_model(cfg: RewardModelRunConfig, overwrite: bool = False) -> dict
     cfg.validate()
     if not Path(cfg.samples).is_file():
         raise FileNotFoundError(f"samples: file not found: {cfg.samples}")
-    prompts, completions, labels = rm_training_data(load_task(cfg.data), read_samples(cfg.samples))
+    task = load_task(cfg.data, load_tokenizer(cfg.model))  # prompts as the sampled model saw them
+    prompts, completions, labels = rm_training_data(task, read_samples(cfg.samples))
     if len(set(labels)) < 2:
         raise ValueError(f"{cfg.samples}: every sample is {'correct' if labels and labels[0] == POSITIVE else 'wrong'}"
                          f" ({len(labels)} distinct completions): a classifier needs both kinds; sample more (k) "
@@ -109,7 +109,7 @@ def rm_training_data(task: Task, records: list[dict]) -> tuple[list[str], list[s
     once (the first copy's label; the grader is deterministic, so copies agree)."""
     prompts, completions, labels = [], [], []
     for r in records:
-        prompt = task.prompt(Example(r["id"], r["question"], r["gold"]))
+        prompt = task.record_prompt(r)
         seen: set[str] = set()
         for s in r["samples"]:
             if s["completion"] in seen:

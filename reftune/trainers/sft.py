@@ -24,7 +24,7 @@ from reftune.trainers.checkpoints import restore_sft_state, rng_state, save_sft_
 from reftune.trainers.distributed import Dist, copy_into, full_state_dict, optimizer_state, scalar
 from reftune.trainers.lora import adapter_state, is_peft, merged_state_dict
 from reftune.trainers.loop import RunConfig, evaluate_split, open_run
-from reftune.trainers.supervised import IGNORE, collate, encode_sft_example, linear_schedule, sft_loss, shuffled_batches
+from reftune.trainers.supervised import IGNORE, collate, encode_task_example, linear_schedule, sft_loss, shuffled_batches
 
 @dataclass
 class SFTConfig(Evaluation, Decoding, Schedule, Optimizer, RunConfig):
@@ -78,7 +78,7 @@ def run_sft(cfg: SFTConfig, task: Task | None = None, train_examples: list[Examp
     model.train()
 
     # 2. Tokenise once: (ids, labels) per example.
-    data = [encode_sft_example(tokenizer, task.prompt(ex), task.target(ex), cfg.max_length) for ex in examples]
+    data = [encode_task_example(tokenizer, task, ex, cfg.max_length) for ex in examples]
 
     # 3. Optimizer and schedule over the whole run (the warm-up model shares this schedule).
     steps_per_epoch = math.ceil(len(data) / (cfg.batch_size * cfg.grad_accum))
