@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from reftune.rewards.answers import answer_segment, normalize_number, parse_choice
+from reftune.rewards.answers import answer_segment, format_number, normalize_number, parse_choice
 
 log = logging.getLogger(__name__)
 
@@ -139,14 +139,37 @@ _warned: set[str] = set()
 
 
 def read_number(text) -> tuple[str | None, str]:
-    """(canonical number, "") or (None, why). LaTeX that needs math-verify without it: no number."""
-    if isinstance(text, str) and needs_math_verify(text) and not have_math_verify():
-        if "latex" not in _warned:
-            _warned.add("latex")
-            log.warning("an answer in LaTeX (%r) needs math-verify to be read: %s", text[:60], LATEX_EXTRA)
-        return None, NEEDS_MATH_VERIFY
+    """(canonical number, "") or (None, why). LaTeX the plain rules would misread goes to
+    math-verify; without it installed, it is no number (`NEEDS_MATH_VERIFY`)."""
+    if isinstance(text, str) and needs_math_verify(text):
+        if not have_math_verify():
+            if "latex" not in _warned:
+                _warned.add("latex")
+                log.warning("an answer in LaTeX (%r) needs math-verify to be read: %s", text[:60], LATEX_EXTRA)
+            return None, NEEDS_MATH_VERIFY
+        number = _math_verify_number(text)
+        return number, "" if number is not None else "LaTeX answer is not a number"
     number = normalize_number(text)
     return number, "" if number is not None else "answer is not a number"
+
+
+def _math_verify_number(text: str) -> str | None:
+    """The number math-verify reads from the first line of `text` (math delimiters added when
+    it has none, as a bare `\\sqrt{2}` is not extracted without them)."""
+    from math_verify import parse  # optional extra: pip install 'reftune[latex]'
+
+    line = next((ln for ln in text.splitlines() if ln.strip()), "").strip()
+    for candidate in (line, f"${line.strip('$').strip()}$"):
+        try:
+            items = parse(candidate)
+        except Exception:  # noqa: BLE001  (model output: an unreadable answer is no answer)
+            items = []
+        for item in items:
+            try:
+                return format_number(float(item))
+            except (TypeError, ValueError, OverflowError):
+                continue
+    return None
 
 
 def read_answer(segment: str, answer_type: str) -> tuple[str | None, str]:

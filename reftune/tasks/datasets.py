@@ -324,8 +324,8 @@ def data_dir_note(cfg: DataConfig) -> str:
     if cfg.data_dir:
         return f"data.data_dir={cfg.data_dir!r}"
     if os.environ.get(DATA_DIR_ENV):
-        return f"${DATA_DIR_ENV}={os.environ[DATA_DIR_ENV]!r} (data.data_dir is empty)"
-    return f"./data (data.data_dir is empty and ${DATA_DIR_ENV} is not set)"
+        return f"${DATA_DIR_ENV}, as data.data_dir is empty"
+    return f"the default ./data, as data.data_dir is empty and ${DATA_DIR_ENV} is not set"
 
 
 def _release_path(cfg: DataConfig, file_name: str) -> Path:
