@@ -111,6 +111,7 @@ def test_functions_get_the_rows_columns_and_the_graders_verdict(tmp_path, warmup
     assert call["prompts"] == [task.prompt(ex, for_generation=True) for ex in scored.examples]
     assert call["completions"] == [task.completion_text(ex, t) for ex, t in zip(scored.examples, scored.rollout.texts)]
     assert call["prompt_text"] == call["prompts"]
+    assert call["ended"] == scored.rollout.ended_with_eos.tolist()
     assert scored.scores.tolist() == pytest.approx([0.5 + (1.0 if g.correct else 0.1 if g.answer else 0.0)
                                                     for g in scored.graded])
     assert scored.reward_means["spy"] == 0.5 and scored.reward_means["spy_scored"] == 1.0
@@ -189,3 +190,15 @@ def test_a_function_that_raises_stops_the_run_naming_it_and_the_row(warmup_model
     with pytest.raises(RewardFunctionError, match=rf"reward_fns:boom_on_id: raised ZeroDivisionError.* on row 0 "
                                                    rf"\(id '{first.id}'\)"):
         run_reft(cfg, task=small_task)
+
+
+def test_the_migration_guides_example_functions_score_as_documented():
+    guide = Path(__file__).resolve().parents[1] / "docs" / "examples" / "rewards.py"
+    rewards = RewardSet(build_sources([f"{guide}:brevity", f"{guide}:matches_gold", f"{guide}:missing_eos_penalty"],
+                                      [1.0, 1.0, 1.0]))
+    completions = ["x" * 100, [{"role": "assistant", "content": "x" * 500}], ""]
+    _, means, scored = rewards.score(["p"] * 3, completions, columns(extracted=["5", "4", None], correct=[True] * 3,
+                                                                      ended=[True, False, True]))
+    assert means == pytest.approx({"brevity": (0.75 + 0.0 + 1.0) / 3, "matches_gold": 0.5,
+                                   "missing_eos_penalty": -1 / 3})
+    assert scored["matches_gold"] == pytest.approx(2 / 3)

@@ -11,7 +11,8 @@ A function gets one entry per sampled row:
 - keyword columns, each a list: `answer` (the gold answer), `question`, `id`, `cot` (the gold CoT or
   None), `options` (multiple choice), the dataset row's other fields, and reftune's own:
   `prompt_text` (the prompt as the model read it), `extracted` (the grader's answer or None),
-  `correct` (the grader's verdict). Take `**kwargs` for the ones you do not use.
+  `correct` (the grader's verdict), `ended` (the CoT stopped at a stop token, not at
+  max_new_tokens). Take `**kwargs` for the ones you do not use.
 
 It returns a number per row, or None for "no score for this row" (that function then adds nothing
 to the row's reward, as TRL's nansum). The reward is the weighted sum; each function's mean over

@@ -60,17 +60,18 @@ def sample_and_score(generator: Generator, task: Task, questions: list[Example],
                                  max_new_tokens=max_new_tokens)
     examples = [questions[i] for i in rollout.prompt_index]
     graded = task.grade(rollout.texts, examples)
-    fn_prompts, completions, columns = reward_inputs(task, examples, rollout.texts, graded)
+    fn_prompts, completions, columns = reward_inputs(task, examples, rollout.texts, graded,
+                                                     rollout.ended_with_eos.tolist())
     totals, means, scored = rewards.score(fn_prompts, completions, columns)
     reward_means = {**means, **{f"{name}_scored": frac for name, frac in scored.items()}}
     return ScoredRollout(rollout, examples, graded, torch.tensor(totals, dtype=torch.float32), reward_means)
 
 
-RESERVED_COLUMNS = ("answer", "question", "id", "cot", "options", "prompt_text", "extracted", "correct")
+RESERVED_COLUMNS = ("answer", "question", "id", "cot", "options", "prompt_text", "extracted", "correct", "ended")
 
 
-def reward_inputs(task: Task, examples: list[Example], texts: list[str],
-                  graded: list[Graded]) -> tuple[list, list, dict[str, list]]:
+def reward_inputs(task: Task, examples: list[Example], texts: list[str], graded: list[Graded],
+                  ended: list[bool] | None = None) -> tuple[list, list, dict[str, list]]:
     """(prompts, completions, columns) for reward functions, in TRL's convention (see
     reftune/rewards/functions.py): message lists with a chat template, text otherwise."""
     completions = [task.completion_text(ex, t) for ex, t in zip(examples, texts)]
@@ -85,7 +86,8 @@ def reward_inputs(task: Task, examples: list[Example], texts: list[str],
     columns.update(answer=[ex.answer for ex in examples], question=[ex.question for ex in examples],
                    id=[ex.id for ex in examples], cot=[ex.cot for ex in examples],
                    options=[ex.options for ex in examples], prompt_text=[task.prompt(ex) for ex in examples],
-                   extracted=[g.answer for g in graded], correct=[bool(g.correct) for g in graded])
+                   extracted=[g.answer for g in graded], correct=[bool(g.correct) for g in graded],
+                   ended=[bool(e) for e in ended] if ended is not None else [True] * len(examples))
     return prompts, completions_in, columns
 
 
