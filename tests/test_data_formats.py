@@ -86,6 +86,8 @@ def test_latex_that_needs_math_verify_is_no_answer_naming_the_extra(monkeypatch)
 def test_needs_math_verify_only_for_commands_the_plain_rules_misread():
     assert formats.needs_math_verify("\\sqrt{2}") and formats.needs_math_verify("2\\cdot 3")
     assert not formats.needs_math_verify("\\frac{1}{2}") and not formats.needs_math_verify("\\$5\\,000")
+    assert not formats.needs_math_verify("$5 \\times 3 = 15$ apples\n\\sqrt{2} later")  # the number is 15
+    assert extract_final("The answer is $5 \\times 3 = 15$", "number", "answer_is") == ("15", "")
 
 
 # ---------------------------------------------------------------------------------------------- TRL rows

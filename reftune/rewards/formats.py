@@ -123,8 +123,12 @@ def answer_line(answer: str, answer_format: str) -> str:
 # ---------------------------------------------------------------- reading it
 
 def needs_math_verify(text: str) -> bool:
-    """True when `text` holds LaTeX the plain rules would misread (a command beyond _PLAIN_LATEX)."""
-    return "\\" in text and any(c not in _PLAIN_LATEX for c in _COMMAND_RE.findall(text))
+    """True when the part of `text` a number is read from (its first line, after its last "=", as
+    `normalize_number` reads it) holds LaTeX the plain rules would misread: a command beyond
+    _PLAIN_LATEX. `$5 \\times 3 = 15$` reads 15 without it; `\\sqrt{2}` does not."""
+    line = next((ln for ln in text.splitlines() if ln.strip()), "")
+    part = line.rsplit("=", 1)[1] if "=" in line else line
+    return "\\" in part and any(c not in _PLAIN_LATEX for c in _COMMAND_RE.findall(part))
 
 
 def have_math_verify() -> bool:

@@ -83,8 +83,8 @@ class QuestionCE:
 
 def build_ce_batch(task: Task, scored, tokenizer, max_length: int) -> list[QuestionCE]:
     """Per distinct question of the step (in rollout order): its gold CoT and its own correct samples
-    (graded correct, i.e. reward == score_correct), encoded like SFT data (prompt + full CoT + EOS,
-    loss on the CoT and EOS) and merged where their tokens are equal.
+    (graded correct by the task's grader, whatever the reward functions say), encoded like SFT data
+    (prompt + full CoT + EOS, loss on the CoT and EOS) and merged where their tokens are equal.
 
     Samples are re-tokenised from their text (as SFT data would be), which the loss then teaches
     as the canonical tokenisation. Merging changes no loss: a row counted n times in a token-mean

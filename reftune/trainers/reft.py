@@ -70,6 +70,7 @@ class ReFTConfig(Rewards, OnlineConfig):
     """k1 (log-ratio, the paper) | k3 (non-negative, low variance)."""
     kl_in_reward: bool = True
     """True: -kl_coef*KL in every token's reward (the paper). False: kl_coef*KL as a loss term."""
+
     @property
     def kl_in_loss(self) -> bool:
         """Where the KL acts, decided once: in the loss when asked, or when there is no critic
