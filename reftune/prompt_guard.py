@@ -41,7 +41,9 @@ def model_context(name_or_path: str) -> int | None:
 
 
 def guard_prompts(task: Task, tokenizer, context: int | None, data: DataConfig, splits: tuple[str, ...]) -> Task:
-    """`task`, or a copy without the too-long prompts of `splits` (see the module doc)."""
+    """`task` bound to `tokenizer` (`Task.with_tokenizer`: its chat template), without the too-long
+    prompts of `splits` (see the module doc)."""
+    task = task.with_tokenizer(tokenizer)
     cap = data.max_prompt_tokens or None
     limits = [x for x in (context, cap) if x]
     if not limits:

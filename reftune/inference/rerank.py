@@ -13,7 +13,6 @@ from reftune.batching import pad_with_mask
 from reftune.inference.voting import ks_up_to
 from reftune.models import ModelLoadError, encode_prompt, load_tokenizer
 from reftune.tasks import Task
-from reftune.types import Example
 
 POSITIVE = 1  # label index of "correct"
 
@@ -73,7 +72,7 @@ def score_records(rm, tokenizer, task: Task, records: list[dict], batch_size: in
     """P(correct) of every sample of every record, aligned with `record["samples"]`."""
     prompts, completions = [], []
     for r in records:
-        prompt = task.prompt(Example(r["id"], r["question"], r["gold"]))
+        prompt = task.record_prompt(r)
         for s in r["samples"]:
             prompts.append(prompt)
             completions.append(s["completion"])

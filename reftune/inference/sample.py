@@ -5,7 +5,7 @@ test time, and the training data of Offline self-training and of the reward mode
 
 File format, one line per question (`{split}_samples.jsonl`):
 
-    {"id": ..., "question": ..., "gold": "18",
+    {"id": ..., "question": ..., "prompt": <the prompt as the model was given it>, "gold": "18",
      "samples": [{"completion": <full CoT>, "answer": "18" | null, "correct": true}, ...]}
 
 `completion` is the full CoT (`task.completion_text`: with `program_header_in_prompt` the header

@@ -16,10 +16,12 @@ question can never sit in two splits, whatever the seed and sizes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from dataclasses import dataclass
 
+from reftune.rewards.formats import answer_line, find_answer
 from reftune.tasks.base import NL_ANSWER_PREFIX, DataConfig, Example, Task
 
 NAMES = [
@@ -199,7 +201,18 @@ def load_arithmetic_task(cfg: DataConfig) -> Task:
     splits = generate_examples(cfg, cfg.style)
     test = splits["test"][: cfg.max_test or None]
     validation = splits["validation"][: cfg.max_test or None]
-    return Task(
+    task = Task(
         name="arithmetic", style=cfg.style, answer_type="number",
         train=splits["train"][: cfg.max_train or None], validation=validation, test=test,
+        prompt_format=cfg.prompt_format, system_prompt=cfg.system_prompt, answer_format=cfg.answer_format,
     )
+    if cfg.style == "nl" and find_answer(f"{NL_ANSWER_PREFIX} 1", task.answer_format) is None:
+        for split in ("train", "validation", "test"):  # gold CoTs state the answer the way it is read
+            setattr(task, split, [_restate(ex, task.answer_format) for ex in getattr(task, split)])
+    return task
+
+
+def _restate(ex: Example, answer_format: str) -> Example:
+    """`ex` with its gold N-CoT's answer line written in `answer_format`."""
+    body = ex.cot.rsplit(NL_ANSWER_PREFIX, 1)[0].rstrip()
+    return dataclasses.replace(ex, cot=f"{body}\n{answer_line(ex.answer, answer_format)}")

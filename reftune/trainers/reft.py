@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from reftune.models import autocast, is_peft, load_causal_lm
-from reftune.rewards.score import RewardSpec
+from reftune.options import Rewards
 from reftune.tasks import Task
 from reftune.trainers import algorithms as A
 from reftune.trainers.advantages import Estimator, get_estimator
@@ -32,7 +32,7 @@ from reftune.trainers.distributed import gradient_sync, scalar
 from reftune.trainers.lora import reference_mode
 from reftune.trainers.loop import Callbacks, OnlineConfig, OnlineRun
 from reftune.trainers.policy import ValueHead, frozen_forward, policy_forward
-from reftune.trainers.rollout import ScoredRollout, sample_and_score, step_metrics
+from reftune.trainers.rollout import ScoredRollout, build_rewards, sample_and_score, step_metrics
 from reftune.trainers.rollout_source import DynamicSampling, RolloutSource, StepRollout, SyncRollouts, refill_questions
 
 KL_COEF_BY_STYLE = {"nl": 0.05, "program": 0.01}  # the release's defaults (0.01 for MathQA-numeric N-CoT)
@@ -41,7 +41,7 @@ OVERLONG = ("none", "mask", "shape")
 
 
 @dataclass
-class ReFTConfig(OnlineConfig):
+class ReFTConfig(Rewards, OnlineConfig):
     """`reftune train`: PPO from a warm-up SFT checkpoint (ReFT)."""
 
     model: str = ""
@@ -104,16 +104,6 @@ class ReFTConfig(OnlineConfig):
     """k1 (log-ratio, the paper) | k3 (non-negative, low variance)."""
     kl_in_reward: bool = True
     """True: -kl_coef*KL in every token's reward (the paper). False: kl_coef*KL as a loss term."""
-    score_correct: float = 1.0
-    """Reward of a correct answer."""
-    score_wrong: float = 0.1
-    """Reward of an extracted but wrong answer."""
-    score_none: float = 0.0
-    """Reward when no answer could be extracted."""
-
-    @property
-    def reward(self) -> RewardSpec:
-        return RewardSpec(self.score_correct, self.score_wrong, self.score_none)
 
     @property
     def estimator(self) -> Estimator:
@@ -144,7 +134,7 @@ class ReFTConfig(OnlineConfig):
             c.fail("micro_batch_size", f"does not divide mini_batch_size={self.mini_batch_size}")
         if self.kl_coef is not None:
             c.float("kl_coef", 0.0, note="null: the release's default for the CoT style")
-        c.bool("whiten_advantages", "kl_in_reward").float("score_correct").float("score_wrong").float("score_none")
+        c.bool("whiten_advantages", "kl_in_reward")
         c.float("whiten_min_std", 0.0)
         self.estimator  # noqa: B018  (raises on an unknown estimator or too few samples per question)
         if self.questions_per_step * self.samples_per_prompt < self.mini_batch_size:
@@ -322,10 +312,13 @@ def build_learner(cfg: ReFTConfig, run: OnlineRun) -> Learner:
 
 
 def rollout_source(cfg: ReFTConfig, run: OnlineRun) -> RolloutSource:
-    """Synchronous sampling of each step's questions, with dynamic sampling around it when asked."""
+    """Synchronous sampling of each step's questions, scored by the run's rewards (correctness,
+    reward functions, a reward model), with dynamic sampling around it when asked."""
+    rewards = build_rewards(cfg, run.device, next(run.model.parameters()).dtype)
+
     def sample(questions) -> ScoredRollout:
         return sample_and_score(run.generator, run.task, questions, cfg.samples_per_prompt, cfg.temperature,
-                                cfg.top_p, cfg.max_new_tokens, cfg.reward)
+                                cfg.top_p, cfg.max_new_tokens, rewards)
 
     source: RolloutSource = SyncRollouts(sample)
     if cfg.dynamic_sampling:

@@ -30,7 +30,7 @@ import torch
 
 from reftune.batching import pad_with_mask
 from reftune.inference.rerank import POSITIVE, encode_rm_input, load_reward_model
-from reftune.models import autocast, enable_activation_checkpointing, save_hf
+from reftune.models import autocast, enable_activation_checkpointing, load_tokenizer, save_hf
 from reftune.model_files import check_model_source
 from reftune.options import Optimizer, Schedule, TrainRuntime
 from reftune.validate import Checks
@@ -39,7 +39,6 @@ from reftune.tasks import DataConfig, Task, load_task
 from reftune.trainers.distributed import wrap
 from reftune.trainers.loop import TrainingRun
 from reftune.trainers.supervised import linear_schedule, shuffled_batches
-from reftune.types import Example
 
 
 @dataclass
@@ -98,7 +97,8 @@ def run_reward_model(cfg: RewardModelRunConfig, overwrite: bool = False) -> dict
     cfg.validate()
     if not Path(cfg.samples).is_file():
         raise FileNotFoundError(f"samples: file not found: {cfg.samples}")
-    prompts, completions, labels = rm_training_data(load_task(cfg.data), read_samples(cfg.samples))
+    task = load_task(cfg.data, load_tokenizer(cfg.model))  # prompts as the sampled model saw them
+    prompts, completions, labels = rm_training_data(task, read_samples(cfg.samples))
     if len(set(labels)) < 2:
         raise ValueError(f"{cfg.samples}: every sample is {'correct' if labels and labels[0] == POSITIVE else 'wrong'}"
                          f" ({len(labels)} distinct completions): a classifier needs both kinds; sample more (k) "
@@ -111,7 +111,7 @@ def rm_training_data(task: Task, records: list[dict]) -> tuple[list[str], list[s
     once (the first copy's label; the grader is deterministic, so copies agree)."""
     prompts, completions, labels = [], [], []
     for r in records:
-        prompt = task.prompt(Example(r["id"], r["question"], r["gold"]))
+        prompt = task.record_prompt(r)
         seen: set[str] = set()
         for s in r["samples"]:
             if s["completion"] in seen:

@@ -24,7 +24,7 @@ from reftune.runs import atomic_save
 from reftune.tasks import Example, Task
 from reftune.trainers.checkpoints import RESUME_DIR
 from reftune.trainers.loop import Callbacks, PolicyRun, RunConfig
-from reftune.trainers.supervised import IGNORE, collate, encode_sft_example, linear_schedule, sft_loss, shuffled_batches
+from reftune.trainers.supervised import IGNORE, collate, encode_task_example, linear_schedule, sft_loss, shuffled_batches
 
 
 @dataclass
@@ -76,8 +76,7 @@ def run_sft(cfg: SFTConfig, task: Task | None = None, train_examples: list[Examp
 
         # 2. Tokenise once: (ids, labels) per example.
         examples = train_examples if train_examples is not None else run.task.train
-        data = [encode_sft_example(run.tokenizer, run.task.prompt(ex), run.task.target(ex), cfg.max_length)
-                for ex in examples]
+        data = [encode_task_example(run.tokenizer, run.task, ex, cfg.max_length) for ex in examples]
 
         # 3. Optimizer and schedule over the whole run (the warm-up model shares this schedule); when
         # resuming, they, the data order and the RNGs continue where the last complete epoch left them.
