@@ -80,22 +80,7 @@ def make_problem(rng: random.Random, n_steps: int, max_number: int, gold_order: 
     if n_relations < 1:
         return None
     people = rng.sample(NAMES, n_relations + 1)
-    counts = {people[0]: rng.randint(2, max_number)}
-    relations: list[Relation] = []
-    for person in people[1:]:
-        source = rng.choice(list(counts))
-        base = counts[source]
-        op = rng.choice("+-*/")
-        if op == "/" and base % 2:
-            op = "+"
-        if op == "-" and base < 3:
-            op = "+"
-        if op == "*" and base * 2 > 5 * max_number:
-            op = "+"
-        amount = {"+": rng.randint(1, max_number), "-": rng.randint(1, max(1, min(base - 1, max_number))),
-                  "*": rng.randint(2, 3), "/": 2}[op]
-        counts[person] = {"+": base + amount, "-": base - amount, "*": base * amount, "/": base // 2}[op]
-        relations.append(Relation(person, source, op, amount))
+    counts, relations = _draw_relations(rng, people, max_number)
 
     # Question and final step.
     if kind == "single":
@@ -137,23 +122,46 @@ def make_problem(rng: random.Random, n_steps: int, max_number: int, gold_order: 
         final_expr = " + ".join(p.lower() for p in summands)
     elif kind == "difference":
         final_expr = f"{a.lower()} - {b.lower()}"
-    lines = ["def solution():", f"    {people[0].lower()} = {counts[people[0]]}"]
-    for r in relations:
-        lines.append(f"    {r.person.lower()} = {r.source.lower()} {r.op} {r.amount}")
-    result_expr = final_expr if final_expr else people[-1].lower()
-    lines += [f"    result = {result_expr}", "    return result"]
-    program = "\n".join(lines)
-
+    program = _program(people[0], counts, relations, final_expr if final_expr else people[-1].lower())
     # Gold natural-language CoT: the same steps with the arithmetic written out.
     steps = [f"{people[0]} has {counts[people[0]]} {item}."]
-    for r in relations:
-        steps.append(f"{r.person} has {_fmt(counts[r.source])} {r.op} {r.amount} = {_fmt(counts[r.person])} {item}.")
+    steps += [f"{r.person} has {_fmt(counts[r.source])} {r.op} {r.amount} = {_fmt(counts[r.person])} {item}."
+              for r in relations]
     if kind == "total":
         steps.append(f"In total they have {' + '.join(_fmt(counts[p]) for p in summands)} = {_fmt(answer)} {item}.")
     elif kind == "difference":
         steps.append(f"{a} has {_fmt(counts[a])} - {_fmt(counts[b])} = {_fmt(answer)} more {item} than {b}.")
     nl = "\n".join(steps) + f"\n{NL_ANSWER_PREFIX} {_fmt(answer)}"
     return Example(id="", question=question, answer=_fmt(answer), cot=program, options=None), nl
+
+
+def _draw_relations(rng: random.Random, people: list[str], max_number: int) -> tuple[dict[str, int], list[Relation]]:
+    """The first person's count, then each other person's as an operation on someone already
+    counted (ops that would leave small whole numbers are turned into +)."""
+    counts = {people[0]: rng.randint(2, max_number)}
+    relations: list[Relation] = []
+    for person in people[1:]:
+        source = rng.choice(list(counts))
+        base = counts[source]
+        op = rng.choice("+-*/")
+        if op == "/" and base % 2:
+            op = "+"
+        if op == "-" and base < 3:
+            op = "+"
+        if op == "*" and base * 2 > 5 * max_number:
+            op = "+"
+        amount = {"+": rng.randint(1, max_number), "-": rng.randint(1, max(1, min(base - 1, max_number))),
+                  "*": rng.randint(2, 3), "/": 2}[op]
+        counts[person] = {"+": base + amount, "-": base - amount, "*": base * amount, "/": base // 2}[op]
+        relations.append(Relation(person, source, op, amount))
+    return counts, relations
+
+
+def _program(first: str, counts: dict[str, int], relations: list[Relation], result_expr: str) -> str:
+    """The gold P-CoT: one assignment per person in the relations' order, then the result."""
+    lines = ["def solution():", f"    {first.lower()} = {counts[first]}"]
+    lines += [f"    {r.person.lower()} = {r.source.lower()} {r.op} {r.amount}" for r in relations]
+    return "\n".join(lines + [f"    result = {result_expr}", "    return result"])
 
 
 def _split_of(question: str) -> str:
