@@ -1,6 +1,6 @@
 """Adversarial tests of reftune.sandbox: one hostile program per property, each followed by a good one.
 
-Short timeouts keep the file fast (~20 s on 2 cores). Tests of the OS layers (Landlock, seccomp,
+Short timeouts keep the file fast. Tests of the OS layers (Landlock, seccomp,
 network namespace) use `_os_layers_only=True` -- programs then get the real builtins and `os`, which is
 what an escaped program would have -- and skip when this kernel did not apply the layer.
 """
@@ -81,14 +81,12 @@ def test_values_are_converted(ex):
 
 
 def test_hang_times_out_and_next_program_runs(ex):
-    t = time.monotonic()
     assert run_then_good(ex, prog("while True:\n    pass"), timeout=0.5).reason == "timeout"
     # A program that swallows the timeout exception is killed by the parent at timeout + grace.
     swallow = prog("while True:\n    try:\n        while True:\n            pass\n    except BaseException:\n        pass")
     assert run_then_good(ex, swallow, timeout=0.5).reason == "timeout"
     # CPU work inside one C call ignores the alarm too (the parent kills the worker).
     assert run_then_good(ex, prog("return 10 ** 10 ** 8"), timeout=0.5).reason == "timeout"
-    assert time.monotonic() - t < 8
 
 
 def test_stdout_flood_is_discarded(ex):
@@ -189,8 +187,11 @@ def test_subclasses_and_other_escapes_cannot_reach_os_system(ex, tmp_path):
     assert not marker.exists()
     rebind = ex.run([prog("import math\ntype(math).__init__(math, 1)"), prog("import math\nreturn math.pi")])
     assert rebind[0].reason.startswith("error: TypeError") and rebind[1].value == 3.141592653589793
-    # str.format can walk attributes, but only ever yields text: documented, harmless.
-    assert ex.run([prog("return '{0.__class__}'.format(())")])[0].value == "<class 'tuple'>"
+    # str.format walks the attributes its template names: only literal templates, under the attribute rule.
+    walks = ex.run([prog("return '{0.__class__}'.format(())"), prog("t = '{0.real}'\nreturn t.format(1)"),
+                    prog("return '{0.real}|{1[k]:>{2}}'.format(3, {'k': 'v'}, 2)")])  # fmt: skip
+    assert [r.reason.startswith("forbidden: .format") for r in walks[:2]] == [True, True]
+    assert walks[2] == ExecResult("3| v", "")
 
 
 def test_fork_attempts(ex, ex_os):

@@ -92,7 +92,7 @@ def test_everything_else_is_not_pure(source):
 
 CRAWL = r"""
 import json, sys, types, builtins, functools, importlib, string, typing
-from reftune.sandbox import apis, policy
+from reftune.sandbox import apis, harden, policy, rules
 import sympy
 it, lam, sp = map(importlib.import_module, ["sympy.external.importtools", "sympy.utilities.lambdify",
                                             "sympy.parsing.sympy_parser"])
@@ -100,7 +100,7 @@ originals = [it.import_module, lam.lambdify, sp.parse_expr, sp.eval_expr]
 p = policy.Policy(policy.DEFAULT_MODULES)
 for name in policy.DEFAULT_MODULES:
     p.load(name)
-apis.harden_sympy(sympy, policy.forbidden_stub)
+harden.harden_sympy(sympy)
 dangerous = {id(f): f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', f)}" for f in originals + [
     builtins.eval, builtins.exec, builtins.compile, builtins.open, builtins.__import__, builtins.getattr,
     builtins.setattr, builtins.globals, builtins.locals, builtins.vars, builtins.breakpoint, builtins.input,
@@ -120,7 +120,7 @@ for depth in range(3):
             problems.append(f"{dangerous.get(id(obj), type(obj).__name__)} at {path}")
         elif depth < 2 and isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType)):
             for attr in dir(obj):
-                if not policy.attr_blocked(attr):
+                if not rules.attr_blocked(attr):
                     try:
                         following.append((f"{path}.{attr}", getattr(obj, attr)))
                     except Exception:

@@ -95,7 +95,6 @@ import json
 import os
 import secrets
 import select
-import shutil
 import socket
 import struct
 import subprocess
@@ -104,10 +103,11 @@ import tempfile
 import threading
 import time
 import weakref
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from reftune.sandbox.apis import API
+from reftune.sandbox.folders import remove_folder
 from reftune.sandbox.policy import DEFAULT_MODULES, KEEP_ENV
 
 __all__ = ["DEFAULT_MODULES", "ExecResult", "ProgramExecutor", "configure", "run_program", "run_programs", "shutdown"]
@@ -118,6 +118,7 @@ _CRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
 _MAX_FRAME = 1 << 20  # a zygote's messages are small (strings are capped at 10k chars); more = misbehaving
 _STARTUP_S = 30.0  # allowance for a fresh zygote to say hello (cold disk, loaded machine)
 _IMPORT_S = 60.0  # allowance for a zygote's first `import sympy` (not counted in the program's timeout)
+_MAX_STRIKES = 2  # a program whose zygote stalled (or asked to be replaced) this often gets no more tries
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class ExecResult:
         numbers -> float; anything else -> str(obj) (capped); None on failure (or if solution()
         returned None).
     reason: "" on success; otherwise one of "timeout", "memory", "crashed", "no solution()",
-        "output too large", "error: <ExcType>: <msg>", "forbidden: <what>".
+        "output too large", "temp folder too large", "error: <ExcType>: <msg>", "forbidden: <what>".
     """
 
     value: int | float | str | None
@@ -210,7 +211,8 @@ class _Worker:
         return out
 
     def close(self, kill: bool = False) -> int | None:
-        """Stop the zygote (EOF on its socket asks it to leave; SIGKILL if asked or needed)."""
+        """Stop the zygote (EOF on its socket asks it to leave; SIGKILL if asked or needed) and remove
+        its temp folder. Never raises on what a program left there (any depth, any mode)."""
         if kill:
             self.proc.kill()
         self.sock.close()
@@ -220,17 +222,20 @@ class _Worker:
             self.proc.kill()
             self.proc.wait()
         if not self.ready:  # keep the start-up error for the exception message
-            self.stderr = self.proc.stderr.read().decode(errors="replace")
+            self.stderr = self.proc.stderr.read(1 << 16).decode(errors="replace")
         self.proc.stderr.close()
-        shutil.rmtree(self.tmpdir, ignore_errors=True)  # a killed zygote could not remove it
+        remove_folder(self.tmpdir)  # a killed zygote could not remove it
         return self.proc.returncode
 
 
 def _close_all(workers: list) -> None:
     for i, w in enumerate(workers):
         if w is not None:
-            w.close()
             workers[i] = None
+            try:
+                w.close()
+            except Exception:  # close() and the exit hook must not raise: the next zygote goes on
+                pass
 
 
 class ProgramExecutor:
@@ -303,109 +308,138 @@ class ProgramExecutor:
 
     def _run(self, programs: list[str], timeout: float, memory_mb: int, entry: str) -> list[ExecResult]:
         self._calls += 1
-        results: list = [None] * len(programs)
-        pending = deque(range(len(programs)))
-        budget = timeout + self.grace
-        poller, watched = select.poll(), {}  # watched: fd -> slot
-        startup_failures = 0
+        job = {"timeout": timeout, "memory_mb": memory_mb, "entry": entry, "call": self._calls}
+        return _Round(self, programs, job).run()
 
-        def retire(slot: int, kill: bool) -> tuple[_Worker, int | None]:
-            w, self._workers[slot] = self._workers[slot], None
-            if watched.pop(w.fd, None) is not None:
-                poller.unregister(w.fd)
-            return w, w.close(kill=kill)
 
-        def fail(slot: int, reason: str) -> None:
-            """The zygote died, hung or broke the protocol: blame its current program, resubmit the rest."""
-            nonlocal startup_failures
-            w, code = retire(slot, kill=True)
-            if not (w.ready and w.acked):  # it died before it got our batch: nobody to blame
-                startup_failures += 1  # but do not loop forever
-                if startup_failures > 3:
-                    raise RuntimeError(f"sandbox worker does not start (exit {code}): {w.stderr[-2000:]}")
-            elif w.jobs:
-                results[w.jobs.popleft()] = ExecResult(None, reason)
-            pending.extendleft(reversed(w.jobs))
+class _Round:
+    """One call of `ProgramExecutor.run`: feeds the zygotes batches, reads their results, and
+    replaces a zygote that dies, stalls or breaks the protocol.
 
-        def watch(w: _Worker, slot: int) -> None:
-            mask = select.POLLIN | (select.POLLOUT if w.outbuf else 0)
-            if w.fd in watched:
-                poller.modify(w.fd, mask)
-            else:
-                poller.register(w.fd, mask)
-                watched[w.fd] = slot
+    Blame: a zygote that dies or breaks the protocol costs its current program ("crashed"); one
+    that stalls (no word past `timeout + grace`: the zygote itself ends every program at `timeout`,
+    so the stall is its own, or the machine's) or asks to be replaced (its temp folder would not
+    empty) costs nobody: all its programs are rerun on a fresh zygote, the current one at most
+    _MAX_STRIKES times before it gets "timeout" / "crashed"."""
 
-        def feed(slot: int) -> None:
-            w = self._workers[slot]
-            if w is not None and (w.proc.poll() is not None or w.tasks >= self.max_tasks):
-                retire(slot, kill=False)  # died while idle, or due for replacement
-                w = None
-            if w is None:
-                w = self._workers[slot] = self._spawn()
-            # Guided self-scheduling: batches amortise round trips but shrink as the queue drains, so
-            # that a few slow programs at the end do not queue up behind each other on one zygote.
-            batch = max(1, min(self.max_batch, len(pending) // (2 * self.size)))
-            jobs = [pending.popleft() for _ in range(batch)]
-            w.jobs.extend(jobs)
-            w.acked = False
-            w.send({"jobs": [[i, programs[i]] for i in jobs], "timeout": timeout, "memory_mb": memory_mb,
-                    "entry": entry, "call": self._calls})  # fmt: skip
-            if w.ready:
-                w.deadline = time.monotonic() + budget
-            watch(w, slot)
+    def __init__(self, pool: ProgramExecutor, programs: list[str], job: dict):
+        self.pool, self.programs, self.job = pool, programs, job
+        self.results: list = [None] * len(programs)
+        self.pending = deque(range(len(programs)))
+        self.budget = job["timeout"] + pool.grace
+        self.poller, self.watched = select.poll(), {}  # watched: fd -> slot
+        self.startup_failures = 0
+        self.strikes: Counter = Counter()
 
+    def run(self) -> list[ExecResult]:
+        workers = self.pool._workers
         while True:
-            for slot, w in enumerate(self._workers):
-                if pending and (w is None or not w.jobs):
-                    feed(slot)
-            busy = [w for w in self._workers if w is not None and w.jobs]
+            for slot, w in enumerate(workers):
+                if self.pending and (w is None or not w.jobs):
+                    self.feed(slot)
+            busy = [w for w in workers if w is not None and w.jobs]
             if not busy:
-                return results
+                return self.results
             wait = min(w.deadline for w in busy) - time.monotonic()
-            for fd, events in poller.poll(max(0.0, wait) * 1000 + 1):
-                slot = watched.get(fd)
-                if slot is None:  # its zygote was retired earlier in this round
-                    continue
-                w = self._workers[slot]
-                if events & select.POLLOUT:  # room in the socket for the rest of a large batch
-                    w.flush()
-                    watch(w, slot)
-                if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
-                    messages = w.frames()
-                    if messages is None or not all(self._handle(w, m, results, budget) for m in messages):
-                        fail(slot, "crashed")
+            for fd, events in self.poller.poll(max(0.0, wait) * 1000 + 1):
+                slot = self.watched.get(fd)
+                if slot is not None:  # (None: its zygote was retired earlier in this round)
+                    self.on_events(slot, events)
             now = time.monotonic()
-            for slot, w in enumerate(self._workers):
+            for slot, w in enumerate(workers):
                 if w is not None and w.jobs and now > w.deadline:
-                    fail(slot, "timeout")
+                    self.fail(slot, "timeout", rerun=True)
 
-    def _handle(self, w: _Worker, msg, results, budget: float) -> bool:
-        """Apply one message from a zygote; False if it breaks the protocol (the zygote is then killed)."""
+    def on_events(self, slot: int, events: int) -> None:
+        w = self.pool._workers[slot]
+        if events & select.POLLOUT:  # room in the socket for the rest of a large batch
+            w.flush()
+            self.watch(w, slot)
+        if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
+            messages = w.frames()
+            verdicts = [self.handle(w, m) for m in messages] if messages is not None else [False]
+            if "requeue" in verdicts:
+                self.fail(slot, "crashed", rerun=True)
+            elif not all(verdicts):
+                self.fail(slot, "crashed")
+
+    def retire(self, slot: int, kill: bool) -> tuple[_Worker, int | None]:
+        w, self.pool._workers[slot] = self.pool._workers[slot], None
+        if self.watched.pop(w.fd, None) is not None:
+            self.poller.unregister(w.fd)
+        return w, w.close(kill=kill)
+
+    def fail(self, slot: int, reason: str, rerun: bool = False) -> None:
+        """Replace a zygote (see the class doc): its current program gets `reason` (unless `rerun`
+        and it has strikes left); the rest go back to the queue."""
+        w, code = self.retire(slot, kill=True)
+        if not (w.ready and w.acked):  # it died before it got our batch: nobody to blame
+            self.startup_failures += 1  # but do not loop forever
+            if self.startup_failures > 3:
+                raise RuntimeError(f"sandbox worker does not start (exit {code}): {w.stderr[-2000:]}")
+        elif w.jobs:
+            self.strikes[w.jobs[0]] += rerun
+            if not rerun or self.strikes[w.jobs[0]] >= _MAX_STRIKES:
+                self.results[w.jobs.popleft()] = ExecResult(None, reason)
+        self.pending.extendleft(reversed(w.jobs))
+
+    def watch(self, w: _Worker, slot: int) -> None:
+        mask = select.POLLIN | (select.POLLOUT if w.outbuf else 0)
+        if w.fd in self.watched:
+            self.poller.modify(w.fd, mask)
+        else:
+            self.poller.register(w.fd, mask)
+            self.watched[w.fd] = slot
+
+    def feed(self, slot: int) -> None:
+        pool, pending = self.pool, self.pending
+        w = pool._workers[slot]
+        if w is not None and (w.proc.poll() is not None or w.tasks >= pool.max_tasks):
+            self.retire(slot, kill=False)  # died while idle, or due for replacement
+            w = None
+        if w is None:
+            w = pool._workers[slot] = pool._spawn()
+        # Guided self-scheduling: batches amortise round trips but shrink as the queue drains, so
+        # that a few slow programs at the end do not queue up behind each other on one zygote.
+        batch = max(1, min(pool.max_batch, len(pending) // (2 * pool.size)))
+        jobs = [pending.popleft() for _ in range(batch)]
+        w.jobs.extend(jobs)
+        w.acked = False
+        w.send({"jobs": [[i, self.programs[i]] for i in jobs], **self.job})
+        if w.ready:
+            w.deadline = time.monotonic() + self.budget
+        self.watch(w, slot)
+
+    def handle(self, w: _Worker, msg) -> bool | str:
+        """Apply one message from a zygote; False if it breaks the protocol (the zygote is then
+        killed), "requeue" if it asks to be replaced."""
         now = time.monotonic()
         if not isinstance(msg, dict):
             return False
         if "hello" in msg and not w.ready:
-            w.ready, w.deadline = True, now + budget
-            self.protections = [str(p) for p in msg.get("prot", [])]
+            w.ready, w.deadline = True, now + self.budget
+            self.pool.protections = [str(p) for p in msg.get("prot", [])]
             return True
         if w.ready and "batch" in msg and not w.acked:
             w.acked = msg["batch"] == len(w.jobs)
             return w.acked
         if not w.ready or not w.acked or not w.jobs or msg.get("i") != w.jobs[0]:
             return False  # results come strictly in the order the jobs were sent
+        if "requeue" in msg:
+            return "requeue"
         if msg.get("ev") == "import":
             w.deadline = now + _IMPORT_S
         elif msg.get("ev") == "start":
-            w.deadline = now + budget
+            w.deadline = now + self.budget
         elif "r" in msg:
             value, reason = msg.get("v"), msg["r"]
             if isinstance(value, bool):
                 value = int(value)
             if not (value is None or isinstance(value, (int, float, str))) or not isinstance(reason, str):
                 return False
-            results[w.jobs.popleft()] = ExecResult(value, reason[:1000])
+            self.results[w.jobs.popleft()] = ExecResult(value, reason[:1000])
             w.tasks += 1
-            w.deadline = now + budget
+            w.deadline = now + self.budget
         else:
             return False
         return True

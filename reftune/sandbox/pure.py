@@ -10,7 +10,8 @@ dicts and ranges, call functions and raise/catch exceptions: it cannot reach a m
 state, decimal or random state, files, threads or `__del__` -- nothing survives it. Its results
 depend on no allocator state either: no value it can observe has an address in its repr or hash
 (functions, iterators, generators and bound methods are never values; sets, whose order follows
-hashes, are not allowed; id/hash are not builtins here). The zygote runs pure programs one after
+hashes, are not allowed; id/hash are not builtins here). No name of a pure program starts with
+``__`` (``global __builtins__`` would rebind the namespace's own). The zygote runs pure programs one after
 another in one pre-forked, fully locked-down child (saving a fork per program); anything else runs in
 a fresh fork of its own, and so does a pure program that ran out of memory or crashed there.
 """
@@ -71,6 +72,8 @@ def is_pure(nodes, unsafe):
         if kind not in _ALLOWED_TYPES:
             return False
         if kind is ast.Name:
+            if node.id.startswith("__"):
+                return False  # __builtins__, __name__...: the namespace's own, never a program's data
             if type(node.ctx) is ast.Load:
                 loads.append(node)
             else:
@@ -89,17 +92,21 @@ def is_pure(nodes, unsafe):
         elif kind is ast.For or kind is ast.comprehension:
             consumed.add(id(node.iter))
         elif kind is ast.FunctionDef:
-            if node.decorator_list or node.returns:
+            if node.decorator_list or node.returns or node.name.startswith("__"):
                 return False
             functions.add(node.name)
         elif kind is ast.arg:
-            if node.annotation is not None:
+            if node.annotation is not None or node.arg.startswith("__"):
                 return False
             data.add(node.arg)
         elif kind is ast.ExceptHandler:
+            if node.name and node.name.startswith("__"):
+                return False
             if node.name:
                 data.add(node.name)
         elif kind is ast.Global or kind is ast.Nonlocal:
+            if any(name.startswith("__") for name in node.names):
+                return False
             data.update(node.names)
         elif kind is ast.GeneratorExp:
             generators.append(node)
@@ -107,12 +114,14 @@ def is_pure(nodes, unsafe):
             for alias in node.names:
                 if alias.name not in PURE_MODULES:
                     return False
+                if (alias.asname or "").startswith("__"):
+                    return False
                 modules[alias.asname or alias.name] = alias.name
         elif kind is ast.ImportFrom:
             if node.level or node.module not in PURE_MODULES:
                 return False
             for alias in node.names:
-                if alias.name not in API[node.module]:
+                if alias.name not in API[node.module] or (alias.asname or "").startswith("__"):
                     return False  # also refuses *
                 imported.add(alias.asname or alias.name)
     builtin_like = PURE_BUILTINS | CALL_ONLY_BUILTINS | ITERATORS | imported
@@ -143,8 +152,8 @@ def is_pure(nodes, unsafe):
         elif name in functions or name in CALL_ONLY_BUILTINS and name not in data:
             if id(node) not in called:
                 return False  # a function used as a value
-        elif name not in data and (name in unsafe or name.startswith("__")):
-            return False  # a builtin outside the list, or the namespace's own (__builtins__ is shared)
+        elif name not in data and name in unsafe:
+            return False  # a builtin outside the list
         elif name in ITERATORS and name not in data and id(node) not in called:
             return False  # the iterator builtins themselves are fine as values, but keep it simple
     return True
