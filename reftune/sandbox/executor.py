@@ -264,6 +264,7 @@ class ProgramExecutor:
         self._pid = os.getpid()
         self.protections: list[str] = []  # layers reported by the latest zygote (see module doc)
         self._share_pure = True  # pure programs share a child (worker.py); False: a fork for every program
+        self._private_tmpfs = True  # False: the temp folder is a plain one, its size polled (tests of that path)
         self._calls = 0  # run() calls so far: a zygote's shared child never serves two
         self._finalizer = weakref.finalize(self, _close_all, self._workers)
 
@@ -281,7 +282,8 @@ class ProgramExecutor:
         self.close()
 
     def _spawn(self) -> _Worker:
-        return _Worker({"modules": self._allowed, "os_layers_only": self._os_only, "share_pure": self._share_pure})
+        return _Worker({"modules": self._allowed, "os_layers_only": self._os_only, "share_pure": self._share_pure,
+                        "tmpfs": self._private_tmpfs})
 
     def run(self, programs: list[str], timeout: float = 2.0, memory_mb: int = 512,
             entry: str = "solution") -> list[ExecResult]:  # fmt: skip

@@ -185,8 +185,9 @@ def private_tmpfs(path):
     return lib.mount(b"tmpfs", os.fsencode(path), b"tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, options) == 0
 
 
-def setup_zygote(tmpdir):
+def setup_zygote(tmpdir, tmpfs=True):
     """Once, in the zygote before it imports anything for programs; returns the layer names in force.
+    `tmpfs`: try to make the temp folder a private size-capped tmpfs (False: a plain folder).
 
     The zygote runs no program code: it keeps the privileges it needs to fork, kill and clean up, and
     prepares what each child applies to itself (ChildLayers)."""
@@ -194,7 +195,7 @@ def setup_zygote(tmpdir):
     # Private network namespace (no usable interface): root directly, others via a user namespace.
     if lib.unshare(_CLONE_NEWNET) == 0 or lib.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0:
         done.append("netns")
-    if private_tmpfs(tmpdir):  # before Landlock's rules, which open the folder by its path
+    if tmpfs and private_tmpfs(tmpdir):  # before Landlock's rules, which open the folder by its path
         done.append("tmpfs")
     for name, value in {"FSIZE": 1 << 20, "CORE": 0, "NOFILE": 64}.items():
         try:

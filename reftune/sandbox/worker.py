@@ -137,7 +137,7 @@ class Zygote:
         self.call = None  # the parent's call the shared child serves
         self.last_key = None  # (timeout, memory_mb) of the latest shared child
         self.memory_frame = encode({"v": None, "r": "memory"})  # pre-built: no allocation needed to send it
-        self.prot, self.layers = self.oslayers.setup_zygote(self.tmpdir)
+        self.prot, self.layers = self.oslayers.setup_zygote(self.tmpdir, tmpfs=config.get("tmpfs", True))
         self.tmpfs = "tmpfs" in self.prot
         os.chdir(self.tmpdir)  # after the mount: the children's working folder is the private tmpfs
         self.policy = self.policy_mod.Policy(config["modules"])
@@ -496,11 +496,21 @@ def _leave(signum, frame):
     raise SystemExit(0)
 
 
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
 def start_janitor(tmpdir, folders):
     """A process outside the zygote's namespaces (forked before they are made) that removes the
-    temp folder once the zygote and its children are all gone, however they ended. The zygote
-    cannot when the folder is its private tmpfs: a mount point there, and it has no right left to
-    unmount it. Returns the pipe end the zygote keeps open (its children close theirs)."""
+    temp folder once the zygote and its children are all gone, if the parent is gone too (a live
+    parent removes it itself, in `close()`: two removers would race). The zygote cannot when the
+    folder is its private tmpfs: a mount point there, and it has no right left to unmount it.
+    Returns the pipe end the zygote keeps open (its children close theirs)."""
+    parent = os.getppid()
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -514,7 +524,8 @@ def start_janitor(tmpdir, folders):
                 os.closerange(r + 1, 1 << 16)
                 while os.read(r, 1 << 10):  # EOF: every holder of the other end exited
                     pass
-                folders.remove_folder(tmpdir)
+                if not _alive(parent):
+                    folders.remove_folder(tmpdir)
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
