@@ -114,6 +114,7 @@ def _read_packed(text: str) -> tuple[object, list[float]] | None:
     is not that shape. The program chose the text (it can rebind `solution`), so nothing about it
     is trusted: literal_eval under a length bound, any failure (nesting deep enough for a
     RecursionError, digits past int's limit) is None, and the numbers must be finite floats."""
+    text = plain_text(text)
     if len(text) > _MAX_PACKED:
         return None
     try:
