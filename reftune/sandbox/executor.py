@@ -3,26 +3,34 @@
 Each program is defined in a fresh namespace (one globals dict, so top-level helpers work) and its
 ``solution()`` is called; the returned value becomes the reward input. In ReFT the policy writes the
 code that decides its own reward, so the executor is built to hold against programs written to break
-it, and no program can influence another's result.
+it: no program can change another's result or timing, or be charged for another's faults.
 
 How it runs: a pool of zygote processes (``worker.py``, started with ``subprocess``: fork+exec of a
 clean ``python -s -B`` in a new session, never a fork of the trainer, never torch) imports the allowed
-modules once and runs no program code. It parses, checks and compiles each program (which runs none
-of it), then forks a fresh child (copy-on-write), which locks itself down, runs the program and writes
-one result frame to a pipe of its own. The zygote reads only that pipe, kills the child's process
-group, waits for it and empties the temp folder before the next program. So nothing a program does
-survives it (monkeypatched classes, module, random or decimal state, threads, objects with
-``__del__``, files, sympy caches), and a program can forge nothing but its own result. Results
-stream back one by one over a Unix socket whose sender the kernel attests (a frame from any process
-but the zygote is refused); up to ``max_batch`` programs go per round trip, and a zygote that dies
-or hangs costs one program ("crashed"/"timeout") before a fresh one takes over the rest of its batch.
+modules once and runs no program code; it does not even parse programs. A child parses, checks and
+compiles each program on the program's own clock and under its memory limit (so a slow compile, or
+its warnings, cost that program alone), runs it and writes one result frame to a pipe of its own.
+The zygote reads only that pipe, kills the child's process group, waits for it and empties the
+temp folder before the next program. So nothing a program does survives it (monkeypatched classes,
+module, random or decimal state, threads, objects with ``__del__``, files, sympy caches), and a
+program can forge nothing but its own result. Results stream back one by one over a Unix socket
+whose sender the kernel attests (a frame from any process but the zygote is refused); up to
+``max_batch`` programs go per round trip. A zygote that dies or breaks the protocol costs its
+current program ("crashed"); one that stalls (no word past ``timeout + grace``, though it ends
+every program at ``timeout`` itself) is replaced and all its programs run again on a fresh one --
+the current one at most twice before it gets "timeout".
 
-Pure programs (``pure.py``: plain computations on builtin data, math/cmath and allow-listed methods
-of lists, dicts and strings -- every SVAMP gold program, most generated ones) cannot reach any state
-that outlives them or observe one, by construction; they save the fork (~1-3 ms here) by running one
-after another in a shared child, locked down like the others and with no file access at all, which
-serves one call of ``run`` at most. A pure program that runs out of memory or crashes there is rerun
-in a fork of its own; one that hangs ends the shared child.
+The shared child. Pure programs (``pure.py``: plain computations on builtin data, math/cmath and
+allow-listed methods of lists, dicts and strings -- every SVAMP gold program, most generated ones)
+save the fork (~1-3 ms here) by running one after another in a shared child, which serves one call
+of ``run`` at most and has no file access at all. What it guarantees: each program gets a namespace
+and a copy of the builtins of its own (no name of a pure program starts with ``__``, and no program
+may name ``__builtins__``), so no program rebinds what a later one calls; the modules it can import
+(math, cmath) are read-only views; after each program the child checks that the builtins, the views
+and the import table are still the objects it started with, and ends itself if not; a program that
+runs out of memory, crashes, or whose result shows an object address is rerun in a fork of its own;
+one that hangs ends the shared child. A program that is not pure is handed back after parsing and
+runs in a fresh fork, within the same deadline.
 
 Layers, outermost first (``ProgramExecutor.protections`` lists the OS ones that took effect here;
 each is best effort and left out where the kernel refuses it, and a child that cannot apply every
@@ -34,17 +42,26 @@ layer its zygote's probe child could exits before running its program):
   CPython needs to run a program (file and memory calls, futex, clocks, getrandom, threads = clone
   with CLONE_THREAD); everything else is EPERM -- socket of any family, io_uring_*, bpf, ptrace,
   process_vm_*, pidfd_*, mount, unshare/setns, keyctl, userfaultfd, perf_event_open, SysV IPC, ioctl,
-  prctl, kill/tgkill (to anyone), fork/vfork/clone of a process, execve, fcntl(F_SETOWN). Installed
-  in the child before the first byte of program code runs. Without it (other architectures, old
-  kernels) an escaped program can open sockets (pathname Unix sockets such as /var/run/docker.sock;
-  TCP is then still stopped by the network namespace/Landlock), fork (as root) and signal same-user
-  processes.
+  prctl, kill/tgkill (to anyone), fork/vfork/clone of a process, execve, chdir, chmod, links,
+  fcntl(F_SETOWN). Installed in the child before the first byte of program code runs. Without it
+  (other architectures, old kernels) an escaped program can open sockets (pathname Unix sockets such
+  as /var/run/docker.sock; TCP is then still stopped by the network namespace/Landlock), fork (as
+  root) and signal same-user processes.
 * Landlock (kernel >= 5.13, enabled LSM): read-only access to the Python install and system library
   folders; in the temp folder, regular files and folders only; nothing else -- no user files, no
   /proc (so no /proc/<trainer>/environ, fd or mem), no /dev -- and never EXECUTE (the shared child:
   no file at all). ABI >= 4: no TCP bind/connect; ABI >= 6: no signals to, or abstract Unix sockets
   of, processes outside. Without it an escaped program reads what the trainer's user can and writes
   up to 1 MiB per file anywhere that user can (cross-program state through files then needs an escape).
+* tmpfs (root, or unprivileged user namespaces): the temp folder is a private tmpfs of
+  ``oslayers.TMPFS_MB`` (8 MiB) and 1,024 entries in a mount namespace of the zygote's own: the
+  kernel bounds what a program stores there (RAM outside ``memory_mb``), and it vanishes with the
+  zygote; a janitor process outside that namespace removes the mount point if the trainer is gone
+  too. Without it the zygote polls the folder every 20 ms while a forked program runs and kills it
+  past the same bounds ("temp folder too large"): a program may exceed them by what it writes in
+  20 ms. Either way the folder is emptied after every program -- at any depth, with any modes,
+  without recursion (``folders.py``) -- and checked empty before each forked program starts (a
+  zygote that cannot empty it asks to be replaced and its programs run elsewhere).
 * network namespace (root, or unprivileged user namespaces): no usable interface at all. Without it
   UDP is stopped only by seccomp (no socket()).
 * capabilities (root only): dropped in the zygote, so children have no CAP_SYS_PTRACE,
@@ -52,40 +69,55 @@ layer its zygote's probe child could exits before running its program):
   RLIMIT_NPROC 0 stops forks of non-root children (root ignores it: seccomp is what stops them).
 * limits: RLIMIT_AS = the interpreter's mapped size + ``memory_mb`` (MemoryError -> "memory"),
   RLIMIT_FSIZE 1 MiB, RLIMIT_CORE 0, RLIMIT_NOFILE 64, RLIMIT_CPU; stdout/stderr are /dev/null and
-  print() is a no-op. The environment holds only thread-count caps, PYTHONHASHSEED=0 (same set order,
-  hence same str() results, everywhere) and PYTHONSAFEPATH -- no tokens, HOME or PATH.
+  print() is a no-op; warnings are ignored in the zygote and its children, and the zygote's own
+  stderr is /dev/null once it has started, so no pipe can fill. The environment holds only
+  thread-count caps, PYTHONHASHSEED=0 (same set order, hence same str() results, everywhere) and
+  PYTHONSAFEPATH -- no tokens, HOME or PATH.
 * Python level (always; a first filter, not the boundary): the program is parsed and refused
-  ("forbidden: ...") if it names an attribute that starts with ``_`` other than harmless protocol
-  dunders (``__init__``, ``__add__``...) and namedtuple's ``_asdict``/..., a frame, code or traceback
-  attribute, or ``.obj`` (AttributeError.obj holds the object whose lookup failed). Builtins are an
-  allow-list: no eval/exec/compile, open, input, globals/locals/vars, breakpoint, help, exit;
-  getattr/setattr/delattr apply the attribute rule. ``import`` gives views of ``DEFAULT_MODULES``
-  holding only an allow-listed public API per module (``apis.py``): never the real module, never a
-  submodule without its own list, never ``string.Formatter``, ``functools.singledispatch``/``wraps``
-  or ``dataclasses``; so no program string reaches an evaluator. Inside sympy, sympify()/parse_expr()
-  parse strings with an AST walk that builds the expression without eval, lambdify (exec of printed
-  code) substitutes values instead, and ``import_module`` answers "not installed". A lazily imported
-  module (sympy) is importable only by a program whose text names it, so whether an earlier program
-  made the zygote import it never changes what a later one can do.
+  ("forbidden: ...") by ``rules.py`` if it names an attribute that starts with ``_`` other than
+  harmless protocol dunders (``__init__``, ``__add__``...) and namedtuple's ``_asdict``/..., a frame,
+  code or traceback attribute, or ``.obj`` (AttributeError.obj holds the object whose lookup
+  failed); if it names ``__builtins__``; if it calls ``.format``/``.format_map`` on anything but a
+  string literal whose fields pass the same rule (a template walks attributes); if a ``match`` class
+  pattern has positional sub-patterns (they read names from ``__match_args__``, which a program
+  controls) other than ``case int(x)`` and the like on unshadowed builtin types. Names given at run
+  time (getattr/setattr/delattr/hasattr, ``operator.attrgetter``/``methodcaller``, ``__import__``)
+  are checked as the exact ``str`` Python will use, never through a ``str`` subclass's own methods.
+  Builtins are an allow-list: no eval/exec/compile, open, input, globals/locals/vars, breakpoint,
+  help, exit. ``import`` gives views of ``DEFAULT_MODULES`` holding only an allow-listed public API per
+  module (``apis.py``): never the real module, never a submodule without its own list, never
+  ``string.Formatter``, ``functools.singledispatch``/``wraps`` or ``dataclasses``. Inside sympy and
+  mpmath (``harden.py``), sympify()/parse_expr() parse strings with an AST walk that builds the
+  expression without eval, lambdify (exec of printed code) substitutes values instead,
+  ``mpmath.identify`` takes its constants only as a dict of values (by name they are eval'ed), and
+  ``import_module`` answers "not installed". In every child an audit hook then refuses any compile
+  of text -- eval, exec, compile, typing's forward references, code generated anywhere in a library
+  -- except the program's own checked tree and a few callers that compile text of their own (the
+  parser, namedtuple, the import system, sympy's monomial code generator): a path to an evaluator
+  that no rule foresaw fails closed. A lazily imported module (sympy) is importable only by a
+  program whose text names it, so whether an earlier program made the zygote import it never
+  changes what a later one can do.
 
 What is NOT covered:
 
 * The Python layer is a filter over a huge surface (sympy alone has hundreds of modules); a new
   gadget, a CPython/sympy bug or memory corruption yields real interpreter objects. Such a program
   is then still inside the OS layers above -- and only inside the ones listed in ``protections``.
-  Run the trainer as a non-root user.
+  A forked child is a copy of its zygote, whose memory holds the rest of the batch's programs: an
+  escaped program could read their text (not change their results). Run the trainer as a non-root
+  user.
 * A pure program that corrupted the interpreter's memory (a CPython bug reachable from arithmetic,
   list, dict and string code) would control the shared child, and with it the results of the pure
   programs after it in the same call on that zygote; every other guarantee holds. ``_share_pure =
   False`` on an executor gives every program a fork of its own (~5-10x slower for such programs).
-* ``'{0.__class__}'.format(x)`` walks attributes the static check cannot see; it only yields text.
-  typing compiles (never evaluates) string annotations.
 * Only ``solution()``'s return value is collected; printed answers are discarded. A program is killed
-  at ``timeout`` wherever it is (CPU work inside one C call included).
+  at ``timeout`` wherever it is (CPU work inside one C call, or its own compile, included).
 * Only the modules with an allow-list in ``apis.py`` can be allowed (``allowed_modules`` is a subset).
 
 The parent never unpickles anything from a worker: results are length-prefixed JSON, size-capped,
-checked by the zygote (the child's frame) and again by the parent.
+checked by the zygote (the child's frame) and again by the parent. What grading makes of a value
+(bounds on magnitude, digits and length) is in ``reftune.rewards``; ``docs/sandbox.md`` has the
+measured throughput.
 """
 
 from __future__ import annotations

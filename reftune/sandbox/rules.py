@@ -127,8 +127,13 @@ def _check_class_pattern(node, nodes, bound):
     return bound
 
 
-def _names_of(node, kind):
-    """The identifiers a node introduces or reads, for the reserved-name rule."""
+NAMING_KINDS = frozenset({ast.Name, ast.arg, ast.Global, ast.Nonlocal, ast.alias, ast.FunctionDef, ast.AsyncFunctionDef,
+                          ast.ClassDef, ast.ExceptHandler, ast.MatchAs, ast.MatchStar})  # fmt: skip
+
+
+def names_of(node, kind):
+    """The identifiers a node (of type `kind`) introduces or reads: names, arguments, global and
+    nonlocal names, import aliases, def/class/except/pattern names."""
     if kind is ast.Name:
         return (node.id,)
     if kind is ast.arg:
@@ -148,6 +153,10 @@ def check_tree(nodes, allowed):
     bound = None  # computed once, only for a program with a positional class pattern
     for node in nodes:
         kind = type(node)
+        if kind is ast.Name:
+            if node.id in RESERVED_NAMES:
+                raise ForbiddenAttr(f"name {node.id}")
+            continue
         if kind is ast.Load or kind is ast.Store or kind is ast.Constant:
             continue  # most nodes: nothing to check
         if kind is ast.Attribute:
@@ -170,9 +179,10 @@ def check_tree(nodes, allowed):
             for alias in node.names:
                 if known is not None and alias.name != "*" and alias.name not in known:
                     raise ForbiddenImport(f"from {node.module} import {alias.name}")
-        for name in _names_of(node, kind):
-            if name in RESERVED_NAMES:
-                raise ForbiddenAttr(f"name {name}")
+        if kind in NAMING_KINDS:
+            for name in names_of(node, kind):
+                if name in RESERVED_NAMES:
+                    raise ForbiddenAttr(f"name {name}")
 
 
 def parse_quietly(source: str, filename: str = "<program>") -> ast.Module:
