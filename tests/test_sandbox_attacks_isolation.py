@@ -77,7 +77,7 @@ def test_a_slow_compile_is_charged_to_its_own_program(ex1):
         return 'def solution():\n    x = 1\n    return len(f"' + "{x!r:>{x}}" * n + '")\n'
 
     busy = prog("s = 0\nfor i in range(50000):\n    s += i % 7\nreturn s")
-    results = ex1.run([busy, bomb(6000), GOOD, bomb(2500), busy], timeout=0.5)  # 60 KB (forked), 25 KB (shared)
+    results = ex1.run([busy, bomb(20000), GOOD, bomb(2500), busy], timeout=0.5)  # 200 KB (forked), 25 KB (shared)
     total = sum(i % 7 for i in range(50000))
     assert results[0] == results[4] == ExecResult(total, "") and results[2] == ExecResult(42, "")
     assert results[1] == ExecResult(None, "timeout")
