@@ -50,6 +50,7 @@ import gc
 import json
 import marshal
 import os
+import re
 import resource
 import select
 import signal
@@ -107,6 +108,16 @@ def read_frame(fd):
             return None
         buf += chunk
     return buf[4:]
+
+
+# An import of anything but math/cmath at the start of a line: no pure program (pure.py) has one
+# outside a string, so such a program goes straight to a fork, without a round trip through the
+# shared child (which would parse it, then hand it back). Only a shortcut: the shared child decides.
+_NOT_PURE = re.compile(r"(?m)^[ \t]*(?:from[ \t]+(?!c?math\b)|import[ \t]+(?!c?math[ \t]*(?:$|#)))")
+
+
+def _may_be_pure(program):
+    return _NOT_PURE.search(program) is None
 
 
 class ParentGone(Exception):
@@ -262,7 +273,7 @@ class Zygote:
                     pass
             self.send({"i": index, "ev": "start"})
         deadline = time.monotonic() + timeout  # parsing and compiling count: they happen in a child
-        if self.share_pure and len(program) <= _SHARED_MAX_PROGRAM:
+        if self.share_pure and len(program) <= _SHARED_MAX_PROGRAM and _may_be_pure(program):
             result = self._run_shared(program, entry, deadline, timeout, memory_mb)
             if result is not None:
                 return result
@@ -291,7 +302,8 @@ class Zygote:
             os.close(r)
             self.child = None
             status = self._reap(pid)
-        self.folders.empty_folder(self.tmpdir)
+        if not self.folders.is_empty(self.tmpdir):  # (one scandir when it is, the common case)
+            self.folders.empty_folder(self.tmpdir)
         if frame is not None:
             return self._check_frame(frame)[:2]
         if ended is not None:
