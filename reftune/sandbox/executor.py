@@ -7,9 +7,11 @@ it: no program can change another's result or timing, or be charged for another'
 
 How it runs: a pool of zygote processes (``worker.py``, started with ``subprocess``: fork+exec of a
 clean ``python -s -B`` in a new session, never a fork of the trainer, never torch) imports the allowed
-modules once and runs no program code; it does not even parse programs. A child parses, checks and
-compiles each program on the program's own clock and under its memory limit (so a slow compile, or
-its warnings, cost that program alone), runs it and writes one result frame to a pipe of its own.
+modules once and runs no program code. Each program is parsed, checked and compiled on its own
+clock -- in the child that runs it (under its memory limit), or, if it is short (4 KB: milliseconds
+of compile at worst), by the zygote right before the fork -- never while another program's clock
+runs, so a slow compile or its warnings cost that program alone. A forked child runs it and writes
+one result frame to a pipe of its own.
 The zygote reads only that pipe, kills the child's process group, waits for it and empties the
 temp folder before the next program. So nothing a program does survives it (monkeypatched classes,
 module, random or decimal state, threads, objects with ``__del__``, files, sympy caches), and a
