@@ -121,6 +121,7 @@ BUILTIN_ATTACKS = [
     "def solution():\n    __builtins__.update({'abs': len})\n    return 1\n",
     "import math as __builtins__\ndef solution():\n    return 1\n",
     "def solution(__builtins__={'len': max}):\n    return len([1])\n",
+    "_\ufe4dbuiltins_\ufe4d['len'] = max\ndef solution():\n    return 1\n",  # NFKC: the name is __builtins__
     "import math\ndef solution():\n    math.pi = True\n    return 1\n",
     "def solution():\n    len = max\n    round = int\n    return len([1, 5]) + round(2.6)\n",  # its own names only
     "def solution():\n    try:\n        ValueError.args = 1\n    except TypeError:\n        pass\n    return 1\n",
@@ -145,9 +146,9 @@ def test_pure_programs_cannot_change_what_later_ones_see(ex1):
         checked = [r for i, r in enumerate(results) if i % (len(CHECKS) + 1)]
         assert [r.value for r in checked] == expected
         attacks = results[:: len(CHECKS) + 1]
-        assert all(r.reason.startswith("forbidden: name __builtins__") for r in attacks[:7]), attacks
-        assert attacks[7].reason == "error: AttributeError: sandboxed modules are read-only"
-        assert attacks[8:] == [ExecResult(7, ""), ExecResult(1, "")]
+        assert all(r.reason.startswith("forbidden: name __builtins__") for r in attacks[:8]), attacks
+        assert attacks[8].reason == "error: AttributeError: sandboxed modules are read-only"
+        assert attacks[9:] == [ExecResult(7, ""), ExecResult(1, "")]
 
 
 # ------------------------------------------------------------------------ 3. temp folders

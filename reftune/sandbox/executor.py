@@ -7,11 +7,11 @@ it: no program can change another's result or timing, or be charged for another'
 
 How it runs: a pool of zygote processes (``worker.py``, started with ``subprocess``: fork+exec of a
 clean ``python -s -B`` in a new session, never a fork of the trainer, never torch) imports the allowed
-modules once and runs no program code. Each program is parsed, checked and compiled on its own
-clock -- in the child that runs it (under its memory limit), or, if it is short (4 KB: milliseconds
-of compile at worst), by the zygote right before the fork -- never while another program's clock
-runs, so a slow compile or its warnings cost that program alone. A forked child runs it and writes
-one result frame to a pipe of its own.
+modules once and runs no program code. It parses, checks and compiles a short program (4 KB:
+milliseconds at worst) itself, while the program before runs, and takes that time off the program's
+own timeout; a longer one compiles in the child that runs it, on its clock and under its memory
+limit. So a slow compile, or its warnings, cost that program alone. A forked child runs the program
+and writes one result frame to a pipe of its own.
 The zygote reads only that pipe, kills the child's process group, waits for it and empties the
 temp folder before the next program. So nothing a program does survives it (monkeypatched classes,
 module, random or decimal state, threads, objects with ``__del__``, files, sympy caches), and a
@@ -28,11 +28,11 @@ save the fork (~1-3 ms here) by running one after another in a shared child, whi
 of ``run`` at most and has no file access at all. What it guarantees: each program gets a namespace
 and a copy of the builtins of its own (no name of a pure program starts with ``__``, and no program
 may name ``__builtins__``), so no program rebinds what a later one calls; the modules it can import
-(math, cmath) are read-only views; after each program the child checks that the builtins, the views
-and the import table are still the objects it started with, and ends itself if not; a program that
+(math, cmath) are read-only views; after each program the child checks that the views and the
+import table are still the objects it started with, and ends itself if not; a program that
 runs out of memory, crashes, or whose result shows an object address is rerun in a fork of its own;
-one that hangs ends the shared child. A program that is not pure is handed back after parsing and
-runs in a fresh fork, within the same deadline.
+one that hangs ends the shared child. Programs that are not pure, or longer than 4 KB, run in a
+fresh fork each.
 
 Layers, outermost first (``ProgramExecutor.protections`` lists the OS ones that took effect here;
 each is best effort and left out where the kernel refuses it, and a child that cannot apply every

@@ -70,28 +70,30 @@ class _Scan:
         self.loads, self.attributes, self.generators, self.calls = [], [], [], []
 
 
-def is_pure(nodes, unsafe):
+def is_pure(nodes, unsafe, dunders=True):
     """True if the program (the nodes of its ast.Module, e.g. list(ast.walk(tree))) is pure in the
     sense of this module's docstring. `unsafe`: builtin names it may not use (see unsafe_builtins);
-    a name that is neither defined nor a builtin is fine (it raises NameError)."""
-    scan = _scan(nodes)
+    a name that is neither defined nor a builtin is fine (it raises NameError). `dunders`: False
+    when the text names nothing starting with "__" (rules.may_name_dunders), to skip that check."""
+    scan = _scan(nodes, dunders)
     return scan is not None and _names_allowed(scan, unsafe)
 
 
-def _scan(nodes):
+def _scan(nodes, dunders):
     """One pass: None at the first node no pure program has, else what it names and how."""
     s = _Scan()
     for node in nodes:
         kind = type(node)
         if kind is ast.Name:
-            if node.id.startswith("__"):
+            if dunders and node.id.startswith("__"):
                 return None  # __builtins__, __name__...: the namespace's own, never a program's data
             if type(node.ctx) is ast.Load:
                 s.loads.append(node)
             else:
                 s.data.add(node.id)
             continue
-        if kind not in _ALLOWED_TYPES or kind in NAMING_KINDS and any(n.startswith("__") for n in names_of(node, kind)):
+        if kind not in _ALLOWED_TYPES or dunders and kind in NAMING_KINDS and any(
+                n.startswith("__") for n in names_of(node, kind)):
             return None
         if kind is ast.Call:
             func = node.func

@@ -147,14 +147,15 @@ def names_of(node, kind):
     return ()
 
 
-def check_tree(nodes, allowed):
+def check_tree(nodes, allowed, dunders=True):
     """Refuse, before anything runs, what the module doc lists. `nodes`: all nodes of the program's
-    tree (list(ast.walk(tree))); raises Forbidden (ForbiddenAttr / ForbiddenImport)."""
+    tree (list(ast.walk(tree))); raises Forbidden (ForbiddenAttr / ForbiddenImport). `dunders`:
+    False when the text cannot name `__builtins__` (see `may_name_dunders`), to skip that check."""
     bound = None  # computed once, only for a program with a positional class pattern
     for node in nodes:
         kind = type(node)
         if kind is ast.Name:
-            if node.id in RESERVED_NAMES:
+            if dunders and node.id in RESERVED_NAMES:
                 raise ForbiddenAttr(f"name {node.id}")
             continue
         if kind is ast.Load or kind is ast.Store or kind is ast.Constant:
@@ -179,10 +180,16 @@ def check_tree(nodes, allowed):
             for alias in node.names:
                 if known is not None and alias.name != "*" and alias.name not in known:
                     raise ForbiddenImport(f"from {node.module} import {alias.name}")
-        if kind in NAMING_KINDS:
+        if dunders and kind in NAMING_KINDS:
             for name in names_of(node, kind):
                 if name in RESERVED_NAMES:
                     raise ForbiddenAttr(f"name {name}")
+
+
+def may_name_dunders(source):
+    """False if no identifier of `source` can start with "__": ASCII text without "__" (identifiers
+    are NFKC-normalized: in other text "_" followed by U+FE4D spells "__")."""
+    return not source.isascii() or "__" in source
 
 
 def parse_quietly(source: str, filename: str = "<program>") -> ast.Module:

@@ -2,26 +2,27 @@
 
 Started by the parent as ``python -s -B worker.py CONFIG_JSON`` with a scrubbed environment, in a new
 session, with one end of a Unix socketpair as fd CONFIG["fd"]. Standard library only: it never
-imports ``reftune`` (whose ``__init__`` may pull in torch); its siblings (policy, apis, pure,
-oslayers) are loaded as a private package ``_reftune_sandbox`` from this folder.
+imports ``reftune`` (whose ``__init__`` may pull in torch); its siblings (policy, rules, pure, apis,
+harden, errors, oslayers, folders) are loaded as a private package ``_reftune_sandbox`` from this folder.
 
-The zygote imports the allowed modules once and runs no program code. Every program is parsed,
-checked and compiled on its own clock: by the shared child (below), by the fork that runs it, or,
-for a forked program of at most _ZYGOTE_COMPILE_MAX characters (milliseconds of compile at worst),
-by the zygote right before the fork -- never while another program's clock runs, so that neither a
-slow compile nor its warnings can cost another program. The zygote first offers each program that
-may be pure to the shared child; one that is not runs in a fresh fork that applies the
-per-program OS layers to itself, runs the program and writes one result frame to a pipe of its own. The zygote reads that pipe only,
-kills the child's process group, waits for it, empties the temp folder and reports to the parent.
-A child therefore cannot change what a later program sees (it dies with everything it touched)
-nor write anything the parent would take as another program's result; before each forked program
-the zygote checks that the temp folder is empty (if it cannot make it so, it asks the parent to
-rerun its programs elsewhere and leaves).
+The zygote imports the allowed modules once and runs no program code. A program of at most
+_ZYGOTE_COMPILE_MAX characters is parsed, checked and compiled by the zygote (which runs none of
+it), while the pure program before it runs in the shared child if there is one; a longer one by the
+child that runs it. Either
+way the compile is charged to its own program: the time it took comes off that program's timeout,
+it never delays another's verdict by more than milliseconds, and its warnings go nowhere. A program
+that is not pure runs in a fresh fork that applies the per-program OS layers to itself, runs the
+program and writes one result frame to a pipe of its own. The zygote reads that pipe only, kills
+the child's process group, waits for it, empties the temp folder and reports to the parent. A child
+therefore cannot change what a later program sees (it dies with everything it touched) nor write
+anything the parent would take as another program's result; before each forked program the
+zygote checks that the temp folder is empty (if it cannot make it so, it asks the parent to rerun
+its programs elsewhere and leaves).
 Pure programs (``pure.py``: plain computations that can reach nothing that outlives them) instead
 run one after another in one shared, equally locked-down child with no file access, which serves
 one call of the parent's at most (a fresh one is forked while the zygote is idle). Each gets its
-own namespace and its own copy of the builtins, and after each the child checks that the builtins,
-math/cmath and the module views are still the objects it started with; any doubt there (a change
+own namespace and its own copy of the builtins, and after each the child checks that the math and
+cmath views and the import table are still the objects it started with; any doubt there (a change
 there, a timeout, a crash, MemoryError, an object address in the result) ends that child, and the
 program is rerun in a fresh fork unless it timed out.
 
@@ -33,9 +34,9 @@ Protocol with the parent (4-byte big-endian length + UTF-8 JSON, both ways):
                     {"i": index, "v": value, "r": reason} when it is done;
                     {"i": index, "requeue": why} before it leaves without running it (its temp folder
                     could not be emptied): the parent reruns the batch's remaining programs elsewhere.
-zygote -> shared child: (program, entry), marshalled; shared child -> zygote: one frame per program,
-                    {"v", "r"} plus "fork" (not pure: run it in a fork), "retry" (unsure: run it in a
-                    fork, and end this child), "grown" (end this child after it).
+zygote -> shared child: (code, entry), marshalled; shared child -> zygote: one frame per program,
+                    {"v", "r"} plus "retry" (unsure: rerun it in a fork, and end this child) and
+                    "grown" (end this child after it).
 child -> zygote: one frame {"v": value, "r": reason} per program on the child's own pipe.
 On EOF from the parent, SIGTERM/SIGHUP, or when the parent process is gone, the zygote kills its
 children and removes its temp folder before it exits. Once it said hello its stderr is /dev/null:
@@ -51,7 +52,6 @@ import gc
 import json
 import marshal
 import os
-import re
 import resource
 import select
 import signal
@@ -65,13 +65,13 @@ _MAX_CHILD_FRAME = 256 << 10  # a result is at most 10k characters; more means a
 _CHILD_LAYERS_MISSING = 70  # exit status of a child that could not apply every layer
 _SHARED_TASKS = 500  # pure programs per shared child before a fresh one takes over
 _SHARED_GROWTH = 64 << 10  # KiB of peak RSS growth after which the shared child is replaced
-_SHARED_MAX_PROGRAM = 32 << 10  # characters: longer programs run in a fork of their own
-# Characters up to which the zygote compiles a forked program itself, on the program's clock, before
-# the fork (the child then touches less of the zygote's memory: ~0.5 ms less per program). The
-# compile of so short a text takes milliseconds at worst (~40 ms measured for nested lambdas); a
-# longer program compiles in its child, where its timeout can cut it off.
-_ZYGOTE_COMPILE_MAX = 4 << 10
+_SHARED_MAX_CODE = 32 << 10  # bigger compiled programs run in a fork of their own (pipe stays unblocked)
 _MAX_PROGRAM = 1 << 20  # characters
+# Programs up to this many characters are compiled by the zygote (milliseconds at worst: ~40 ms was
+# the slowest text found, nested lambdas), while the program before runs if it can, and the time it
+# took is taken from their own timeout; longer ones compile in the child that runs them, where their
+# timeout can cut a slow compile off. Either way a compile is charged to its own program only.
+_ZYGOTE_COMPILE_MAX = 4 << 10
 _TMP_POLL_S = 0.02  # without a private tmpfs: how often the temp folder's size is checked
 _TMP_MAX_BYTES = 8 << 20  # ... and its bounds then (a private tmpfs has the same ones, see oslayers)
 _TMP_MAX_ENTRIES = 1024
@@ -114,16 +114,6 @@ def read_frame(fd):
             return None
         buf += chunk
     return buf[4:]
-
-
-# An import of anything but math/cmath at the start of a line: no pure program (pure.py) has one
-# outside a string, so such a program goes straight to a fork, without a round trip through the
-# shared child (which would parse it, then hand it back). Only a shortcut: the shared child decides.
-_NOT_PURE = re.compile(r"(?m)^[ \t]*(?:from[ \t]+(?!c?math\b)|import[ \t]+(?!c?math[ \t]*(?:$|#)))")
-
-
-def _may_be_pure(program):
-    return _NOT_PURE.search(program) is None
 
 
 class ParentGone(Exception):
@@ -258,15 +248,33 @@ class Zygote:
                 just_served = True
 
     def run_batch(self, jobs, timeout, memory_mb, entry):
-        for index, program in jobs:
+        """Run a batch in order. While a pure program runs in the shared child, the zygote compiles the
+        next if it is short (see _ZYGOTE_COMPILE_MAX); that time is the next program's, taken from
+        its timeout."""
+        ahead = {}
+
+        def compile_ahead(k):
+            if k < len(jobs) and self._compiles_here(jobs[k][1]):
+                ahead[k] = self._compile(jobs[k][1])
+
+        for k, (index, program) in enumerate(jobs):
             try:
-                value, reason = self.run_job(index, program, timeout, memory_mb, entry)
+                value, reason = self.run_job(index, program, timeout, memory_mb, entry, ahead.pop(k, None),
+                                             lambda: compile_ahead(k + 1))  # fmt: skip
             except Unfit as exc:
                 self.send({"i": index, "requeue": str(exc)})
                 raise
             self.send({"i": index, "v": value, "r": reason})
 
-    def run_job(self, index, program, timeout, memory_mb, entry):
+    def _compiles_here(self, program):
+        return not self.os_only and len(program) <= _ZYGOTE_COMPILE_MAX
+
+    def _compile(self, program):
+        """(prepare()'s (code, reason, pure), the seconds it took)."""
+        start = time.monotonic()
+        return self.policy_mod.prepare(self.policy, program), time.monotonic() - start
+
+    def run_job(self, index, program, timeout, memory_mb, entry, compiled=None, meanwhile=None):
         if len(program) > _MAX_PROGRAM:
             return None, "forbidden: a program of more than 1 MiB"
         lazy = [m for m in sorted(self.apis.LAZY_MODULES) if m in program and m in self.policy.allowed]
@@ -278,22 +286,29 @@ class Zygote:
                 except Exception:  # not installed, or it would not harden: the program's import reports it
                     pass
             self.send({"i": index, "ev": "start"})
-        deadline = time.monotonic() + timeout  # parsing and compiling count: they happen in a child
-        if self.share_pure and len(program) <= _SHARED_MAX_PROGRAM and _may_be_pure(program):
-            result = self._run_shared(program, entry, deadline, timeout, memory_mb)
-            if result is not None:
-                return result
-            if time.monotonic() >= deadline:
-                return None, "timeout"
-        code = None
-        if not self.os_only and len(program) <= _ZYGOTE_COMPILE_MAX:
-            code, reason, _ = self.policy_mod.prepare(self.policy, program)
-            if code is None:
-                return None, reason  # refused, or not Python: nothing to run
+        start = time.monotonic()
+        if compiled is None and self._compiles_here(program):
+            compiled = self._compile(program)[0], 0.0  # on its own clock already: counted from `start`
+        if compiled is None:  # a long program: its child compiles it
+            return self._run_forked(None, program, entry, start + timeout, timeout, memory_mb)
+        (code, reason, pure), spent = compiled
+        deadline = start + timeout - spent
+        if code is None:
+            return None, reason  # refused, or not Python: nothing to run
+        if pure and self.share_pure:
+            job = marshal.dumps((code, entry))
+            if len(job) <= _SHARED_MAX_CODE:
+                result = self._run_shared(job, deadline, timeout, memory_mb, meanwhile)
+                if result is not None:
+                    return result
         return self._run_forked(code, program, entry, deadline, timeout, memory_mb)
 
     def _run_forked(self, code, program, entry, deadline, timeout, memory_mb):
-        """Run a program in a fork of its own; `code`: compiled already, or None (the child compiles)."""
+        """Run a program in a fork of its own; `code`: compiled already, or None (the child compiles).
+        Nothing else runs in the zygote meanwhile: what it wrote while a fresh child shares its pages
+        would be copied, page by page (~0.2 ms a program)."""
+        if time.monotonic() >= deadline:
+            return None, "timeout"  # its compile (or a try in the shared child) took its time
         self._ready_tmpdir()
         # Memory for the program on top of what the interpreter maps: the limit must not depend on
         # what this zygote imported for earlier programs.
@@ -331,19 +346,21 @@ class Zygote:
         if not self.folders.is_empty(self.tmpdir) and not self.folders.empty_folder(self.tmpdir):
             raise Unfit("temp folder not empty")
 
-    def _run_shared(self, program, entry, deadline, timeout, memory_mb):
-        """A program in the shared child; None when it must run in a fork of its own (not pure, or
-        unsure)."""
+    def _run_shared(self, job, deadline, timeout, memory_mb, meanwhile=None):
+        """A pure program (marshalled code, entry) in the shared child; None when it must be rerun in
+        a fork of its own. `meanwhile()` runs in the zygote while the child computes."""
         shared = self._shared_child((timeout, memory_mb))
         if select.select([shared.results], [], [], 0)[0]:  # it wrote while it had no job: misbehaving
             self._drop_shared()
             return None
-        job = marshal.dumps((program, entry))
         try:
             write_all(shared.jobs, _HEADER.pack(len(job)) + job)
         except OSError:  # it died while idle
             self._drop_shared()
             return None
+        if meanwhile is not None:
+            meanwhile()  # short (a compile of at most _ZYGOTE_COMPILE_MAX characters); a frame that
+            # arrives meanwhile is read below whatever the clock says: this program is not charged
         frame, ended = self._read_result(shared.results, deadline, exact=True)
         shared.tasks += 1
         if frame is None:
@@ -352,7 +369,7 @@ class Zygote:
         value, reason, msg = self._check_frame(frame)
         if not msg or msg.get("retry") or msg.get("grown") or shared.tasks >= _SHARED_TASKS:
             self._drop_shared()
-        return None if not msg or msg.get("retry") or msg.get("fork") else (value, reason)
+        return None if not msg or msg.get("retry") else (value, reason)  # malformed or unsure: a fresh fork
 
     def _shared_child(self, key):
         self.last_key = key
@@ -487,20 +504,14 @@ class Zygote:
             os._exit(0)
 
     def _shared_loop(self, jobs, results, limit, cpu_seconds):
-        """The shared child: programs, one frame each, until the zygote closes the job pipe. It parses
-        each; one that is not pure goes back to the zygote ("fork"), one that is runs here."""
+        """The shared child: pure programs, one frame each, until the zygote closes the job pipe."""
         policy, mod = self.policy, self.policy_mod
         try:
             self._lock_down((jobs, results), limit, cpu_seconds, sealed=True)  # pure programs need no files
             base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             start = policy.snapshot()
             while (job := read_frame(jobs)) is not None:
-                program, entry = marshal.loads(job)  # written by the zygote
-                code, reason, pure = mod.prepare(policy, program)
-                if code is None or not pure:
-                    retry = reason == "memory"  # a fuller heap than a fresh child's
-                    write_all(results, encode({"v": None, "r": reason, "fork": code is not None, "retry": retry}))
-                    continue
+                code, entry = marshal.loads(job)  # written by the zygote
                 value, reason, retry = mod.run_pure(policy, code, entry)
                 changed = policy.snapshot() != start  # nothing should: then trust nothing of this child
                 grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base > _SHARED_GROWTH
