@@ -9,7 +9,6 @@ in `reftune.tasks.datasets.KNOWN_BAD_GOLD` and dropped from training) or a gradi
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -39,12 +38,8 @@ def main() -> int:
     parser.add_argument("--data-dir", type=Path, default=root / ".." / "shared" / "data")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per gold program")
     args = parser.parse_args()
-    have_sandbox = importlib.util.find_spec("reftune.sandbox") is not None
     unexplained = 0
     for path, style, answer_type, fields in files_to_check(args.data_dir.resolve()):
-        if style == "program" and not have_sandbox:
-            print(f"{path.name}: skipped (reftune.sandbox is not available)")
-            continue
         start = time.perf_counter()
         n, failures = gold_failures(path, style, answer_type, fields, timeout=args.timeout)
         known = KNOWN_BAD_GOLD.get(path.name, {})

@@ -228,8 +228,6 @@ def test_grade_batch_checks_lengths():
 # ---------------------------------------------------------------------------------------------- real sandbox
 
 def test_programs_in_the_real_sandbox():
-    sandbox = pytest.importorskip("reftune.sandbox")
-    assert hasattr(sandbox, "run_programs")
     ex = Example("1", "q", "21")
     cots = [BLANK_LINE_AND_HELPER, _prog("while True:\n    pass"), _prog("import os\nreturn 21"),
             _prog("return 1 / 0"), "def solution():\n    return math.floor(21.7)"]
@@ -246,7 +244,6 @@ def test_model_programs_print_no_warnings(capfd):
     escape) is graded like any other, and neither the trainer nor the sandbox prints the warning."""
     import warnings
 
-    pytest.importorskip("reftune.sandbox")
     ex = Example("1", "q", "2")
     cots = ["def solution():\n    x = 1if True else 0\n    return x + 1",
             'def solution():\n    s = "\\d"\n    return len(s)']
@@ -259,7 +256,6 @@ def test_model_programs_print_no_warnings(capfd):
 
 
 def test_choice_guard_in_the_real_sandbox():
-    pytest.importorskip("reftune.sandbox")
     ex = Example("m", "q", "a", options=MATHQA_OPTIONS)
     cots = [_prog("return 38.0"), _prog("return 'a'"), _prog("profit = 38.0\nreturn 'a'")]
     got = grade_batch(cots, [ex] * 3, "program", "choice", choice_guard=True)

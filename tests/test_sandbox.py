@@ -1,8 +1,9 @@
 """Adversarial tests of reftune.sandbox: one hostile program per property, each followed by a good one.
 
-Short timeouts keep the file fast (~20 s on 2 cores). Tests of the OS layers (Landlock, seccomp,
+Short timeouts keep the file fast. Tests of the OS layers (Landlock, seccomp,
 network namespace) use `_os_layers_only=True` -- programs then get the real builtins and `os`, which is
-what an escaped program would have -- and skip when this kernel did not apply the layer.
+what an escaped program would have -- and skip when this kernel did not apply the layer (fail under
+REFTUNE_REQUIRE_SANDBOX_LAYERS=1, see sandbox_support.py).
 """
 
 import os
@@ -13,6 +14,7 @@ import pytest
 
 from reftune import sandbox
 from reftune.sandbox import ExecResult, ProgramExecutor
+from sandbox_support import layer_in_force, require_layer
 
 GOOD = "def solution():\n    return 41 + 1\n"
 
@@ -81,14 +83,12 @@ def test_values_are_converted(ex):
 
 
 def test_hang_times_out_and_next_program_runs(ex):
-    t = time.monotonic()
     assert run_then_good(ex, prog("while True:\n    pass"), timeout=0.5).reason == "timeout"
     # A program that swallows the timeout exception is killed by the parent at timeout + grace.
     swallow = prog("while True:\n    try:\n        while True:\n            pass\n    except BaseException:\n        pass")
     assert run_then_good(ex, swallow, timeout=0.5).reason == "timeout"
     # CPU work inside one C call ignores the alarm too (the parent kills the worker).
     assert run_then_good(ex, prog("return 10 ** 10 ** 8"), timeout=0.5).reason == "timeout"
-    assert time.monotonic() - t < 8
 
 
 def test_stdout_flood_is_discarded(ex):
@@ -189,8 +189,11 @@ def test_subclasses_and_other_escapes_cannot_reach_os_system(ex, tmp_path):
     assert not marker.exists()
     rebind = ex.run([prog("import math\ntype(math).__init__(math, 1)"), prog("import math\nreturn math.pi")])
     assert rebind[0].reason.startswith("error: TypeError") and rebind[1].value == 3.141592653589793
-    # str.format can walk attributes, but only ever yields text: documented, harmless.
-    assert ex.run([prog("return '{0.__class__}'.format(())")])[0].value == "<class 'tuple'>"
+    # str.format walks the attributes its template names: only literal templates, under the attribute rule.
+    walks = ex.run([prog("return '{0.__class__}'.format(())"), prog("t = '{0.real}'\nreturn t.format(1)"),
+                    prog("return '{0.real}|{1[k]:>{2}}'.format(3, {'k': 'v'}, 2)")])  # fmt: skip
+    assert [r.reason.startswith("forbidden: .format") for r in walks[:2]] == [True, True]
+    assert walks[2] == ExecResult("3| v", "")
 
 
 def test_fork_attempts(ex, ex_os):
@@ -199,8 +202,7 @@ def test_fork_attempts(ex, ex_os):
         assert ex.run([prog(body)])[0].reason.startswith("forbidden: import")
     # OS level, as if the Python layer had been escaped:
     assert "has no attribute 'fork'" in ex_os.run([prog("import os\nreturn os.fork()")])[0].reason
-    if "seccomp" not in ex_os.protections and "rlimit-nproc" not in ex_os.protections:
-        pytest.skip("neither seccomp nor RLIMIT_NPROC is in force here (root without seccomp)")
+    require_layer(ex_os, "seccomp", "rlimit-nproc")  # root without seccomp has neither
     raw_fork = prog("import ctypes\nreturn ctypes.CDLL(None, use_errno=True).fork()")
     assert run_then_good(ex_os, raw_fork).value == -1
     spawn = prog("import subprocess\nreturn subprocess.run(['/bin/true']).returncode")
@@ -221,10 +223,10 @@ def test_os_layers(ex_os, tmp_path):
     ])  # fmt: skip
     assert results[0].value == "ok"
     assert "File too large" in results[1].reason
-    if "landlock-fs" in prot:
+    if layer_in_force(ex_os, "landlock-fs"):
         assert all("Permission denied" in r.reason for r in results[2:5]), results
         assert not (tmp_path / "out.txt").exists()
-    if "seccomp" in prot or "netns" in prot:
+    if layer_in_force(ex_os, "seccomp", "netns"):
         assert results[5].reason.startswith(("error: PermissionError", "error: OSError")), results[5]
     assert results[6].reason.startswith("error:")  # os.kill was removed
     os.kill(os.getpid(), 0)  # and we are still alive

@@ -1,11 +1,12 @@
-"""Adversarial tests of reftune.sandbox, one group per attack class of issue 12.
+"""Adversarial tests of reftune.sandbox, one group per attack class (more in test_sandbox_attacks_*.py).
 
 Every attack returns MARK only if it got through (a forged result, a real module, an evaluated
 string, a system call that succeeded); anything else -- a refusal, an error, another value -- means
 it was contained. Attacks run in batches interleaved with benign programs whose answers are checked
 in the same call and in the next one, and after each batch the zygotes may have no child left but
 their shared one and no temp folder but their own. Attacks on the OS layers run with
-`_os_layers_only=True`: programs get the real builtins and modules, i.e. what an escaped program has.
+`_os_layers_only=True`: programs get the real builtins and modules, i.e. what an escaped program has;
+they skip where the layer is missing (fail under REFTUNE_REQUIRE_SANDBOX_LAYERS=1).
 """
 
 import os
@@ -15,28 +16,7 @@ import tempfile
 import pytest
 
 from reftune.sandbox import ExecResult, ProgramExecutor
-
-MARK = "PWNED"
-
-
-def prog(body: str, header: str = "") -> str:
-    """`header` at top level, then `def solution():` with `body` (dedented lines) as its body."""
-    return header + "def solution():\n" + "".join(f"    {line}\n" for line in body.strip("\n").splitlines())
-
-
-# Benign programs (one per feature that must keep working) and their answers.
-BENIGN = [
-    (prog("a = 29\nb = 7\nreturn a * b"), 203),
-    (prog("return helper(4)\n\n", header="def helper(n):\n\n    return n * SEVEN\n\nSEVEN = 7\n"), 28),
-    (prog("return math.sqrt(16) + math.floor(2.5)", header="import math\n"), 6.0),
-    (prog("return Fraction(1, 2) + Fraction(1, 3)", header="from fractions import Fraction\n"), 5 / 6),
-    (prog("return str(Decimal(1) / 7)", header="from decimal import Decimal\n"), "0.1428571428571428571428571429"),
-    (prog("return statistics.stdev([2, 4, 4, 4, 5, 5, 7, 9])", header="import statistics\n"), 2.138089935299395),
-    (prog("random.seed(42)\nreturn random.randint(1, 1000)", header="import random\n"), 655),
-    (prog("return random.random()", header="import random\n"), 0.8444218515250481),  # seed 0 in every program
-    (prog("x = sympy.Symbol('x')\nreturn sympy.solve(sympy.Eq(2 * x, 7), x)[0]", header="import sympy\n"), 3.5),
-    (prog("return len([1, 2]) + sum(range(4)) + round(2.6)"), 11),
-]
+from sandbox_support import BENIGN, LIVE, MARK, assert_no_leftovers, children_of, prog, require_layer, run_mixed
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +26,6 @@ def tmp_root(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tempfile, "tempdir", str(root))
         yield root
-
-
-LIVE = []  # the executors of this module that are open
 
 
 @pytest.fixture(scope="module")
@@ -66,50 +43,6 @@ def ex_os(tmp_root):
         LIVE.append(executor)
         yield executor
     LIVE.remove(executor)
-
-
-def children_of(pids) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) in pids and fields[0] != "Z":
-                out.append(int(entry))
-    return out
-
-
-def assert_no_leftovers(ex, tmp_root):
-    zygotes = ex.worker_pids()
-    assert len(children_of(set(zygotes))) <= len(zygotes)  # at most each zygote's shared child
-    folders = {p for p in os.listdir(tmp_root) if p.startswith("reftune-sandbox-")}
-    live = {os.path.basename(w.tmpdir) for e in LIVE + [ex] for w in e._workers if w is not None}
-    assert folders == live  # one per live zygote, none left by dead ones
-    for folder in folders:  # emptied after every program
-        assert os.listdir(tmp_root / folder) == [], folder
-
-
-def run_mixed(ex, tmp_root, attacks, benign=BENIGN, **kw) -> list[ExecResult]:
-    """Attacks interleaved with benign programs, in two calls; returns the attacks' results."""
-    programs, expected = [], {}
-    for i, attack in enumerate(attacks):
-        program, answer = benign[i % len(benign)]
-        programs += [attack, program]
-        expected[len(programs) - 1] = answer
-    first = None
-    for _ in range(2):  # the same call, and the next one
-        results = ex.run(programs, **kw)
-        for i, answer in expected.items():
-            got = results[i].value
-            assert got == pytest.approx(answer) if isinstance(answer, float) else got == answer, (i, results[i])
-        for attack, result in zip(attacks, results[::2]):
-            assert not (isinstance(result.value, str) and MARK in result.value), (attack, result)
-        first = first or results[::2]
-        assert_no_leftovers(ex, tmp_root)
-    return first
 
 
 # ------------------------------------------------------------------ 1. escapes from the Python layer
@@ -243,8 +176,7 @@ def solution():
 
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="syscall numbers are x86_64's")
 def test_system_calls_outside_the_allow_list_fail(ex_os, tmp_root):
-    if "seccomp" not in ex_os.protections:
-        pytest.skip("seccomp is not in force here")
+    require_layer(ex_os, "seccomp")
     attacks = [SYSCALL_PROGRAM.format(args=args, mark=MARK) for args in SYSCALLS.values()]
     results = run_mixed(ex_os, tmp_root, attacks, benign=BENIGN[:8])  # sympy is importable there too
     for name, result in zip(SYSCALLS, results):
@@ -276,8 +208,7 @@ def test_unix_socket_outside_receives_nothing(ex_os, tmp_root, tmp_path):
 
 
 def test_files_and_proc_outside_are_closed(ex_os, tmp_root, tmp_path):
-    if "landlock-fs" not in ex_os.protections:
-        pytest.skip("Landlock is not in force here")
+    require_layer(ex_os, "landlock-fs")
     secret = tmp_path / "secret.txt"
     secret.write_text("hunter2")
     attempts = [

@@ -1,5 +1,9 @@
 """Reading answers: numbers (thousands separators, fractions, LaTeX, currency, percent), option
 letters, the N-CoT answer line, the paper's 1e-2 tolerance and the voting key. Pure text, no torch.
+
+Model output is read under explicit bounds (see "Bounds" below): an answer line longer than
+MAX_ANSWER_CHARS or a number longer than MAX_NUMBER_CHARS is no answer, and nothing here raises
+on any text, however long, nested or oddly typed (a `str` subclass is read as the plain text).
 """
 
 from __future__ import annotations
@@ -16,6 +20,11 @@ within this relative error (besides the absolute TOLERANCE)."""
 DECIMALS = 6
 """Canonical number strings are rounded to this many decimals (17.999999999 -> "18")."""
 LETTERS = "abcde"
+MAX_ANSWER_CHARS = 2_000
+"""An answer line (or a returned text) longer than this is not read: no answer."""
+MAX_NUMBER_CHARS = 400
+"""A number written with more characters than this is not read (a float holds at most 309 digits
+before the point, and Python will not convert an int of more than 4,300)."""
 
 # The last marker wins; the colon is optional because SVAMP's gold CoTs end "... is <203>."
 _MARKER_RE = re.compile(r"therefore,?\s+the\s+answer\s+is\s*:?", re.IGNORECASE)
@@ -42,20 +51,63 @@ _CHOICE_RE = re.compile(
 _LATEX_FRAC_RE = re.compile(r"\\d?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 
 
+# ---------------------------------------------------------------- bounds (model output is read under these)
+
+def plain_text(text) -> str:
+    """`text` as a plain str: a str subclass through str.__str__ (never its own methods), anything
+    else through str() (a failing __str__ gives "")."""
+    if type(text) is str:
+        return text
+    if issubclass(type(text), str):
+        return str.__str__(text)
+    try:
+        text = str(text)
+    except Exception:
+        return ""
+    return str.__str__(text) if issubclass(type(text), str) else ""
+
+
+def answer_line(text) -> str | None:
+    """The first non-empty line of `text` (its leading blank lines dropped), or None when there is
+    none or it is longer than MAX_ANSWER_CHARS."""
+    text = plain_text(text).lstrip()
+    end = len(text)
+    for sep in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029":  # what str.splitlines() splits on
+        found = text.find(sep, 0, MAX_ANSWER_CHARS + 1)
+        if found != -1:
+            end = min(end, found)
+    if not text or end > MAX_ANSWER_CHARS:
+        return None
+    return text[:end]
+
+
+def exact_number(x) -> float | None:
+    """An int or float (bools excluded, subclasses read as the plain number) as a float; None when
+    it is out of float range or not a number."""
+    kind = type(x)
+    if issubclass(kind, bool) or not issubclass(kind, (int, float)):
+        return None
+    try:
+        return float(int.__int__(x)) if issubclass(kind, int) else float.__float__(x)
+    except OverflowError:  # an int beyond float range (10 ** 400)
+        return None
+
+
 # ---------------------------------------------------------------- numbers and letters
 
 def format_number(x: float) -> str | None:
     """Canonical text of a number: rounded to DECIMALS, no trailing zeros ("18", "0.75", "-3.5")."""
-    if isinstance(x, bool) or not math.isfinite(x):
+    x = exact_number(x)
+    if x is None or not math.isfinite(x):
         return None
-    text = f"{round(float(x), DECIMALS):.{DECIMALS}f}".rstrip("0").rstrip(".")
+    text = f"{round(x, DECIMALS):.{DECIMALS}f}".rstrip("0").rstrip(".")
     return "0" if text in ("-0", "") else text
 
 
 def _first_number(text: str) -> float | None:
     """Value of the first number-like token in `text` (sign, currency, fraction, mixed number)."""
     m = _CORE_RE.search(text)
-    if m is None:
+    if m is None or m.end() - m.start() > MAX_NUMBER_CHARS:
         return None
     value = float(m.group("num").replace(",", "") + (m.group("exp") or ""))
     rest = text[m.end():]
@@ -108,8 +160,11 @@ def normalize_number(text) -> str | None:
     if text is None or isinstance(text, bool):
         return None
     if isinstance(text, (int, float)):
-        return format_number(float(text))
-    lines = [ln for ln in _latex_to_plain(str(text)).splitlines() if ln.strip()]
+        return format_number(text)
+    line = answer_line(text)
+    if line is None:
+        return None
+    lines = [ln for ln in _latex_to_plain(line).splitlines() if ln.strip()]
     if not lines:
         return None
     line = lines[0]
@@ -123,8 +178,10 @@ def normalize_number(text) -> str | None:
 
 def parse_choice(text) -> str | None:
     """An option letter a-e (lowercase) from "(B)", "b )", "c.", "Answer: c", ..., else None."""
-    lines = [ln for ln in str(text).splitlines() if ln.strip()] if text is not None else []
-    m = _CHOICE_RE.match(lines[0]) if lines else None
+    line = answer_line(text) if text is not None else None
+    # One space for each run of whitespace: the pattern's neighbouring \s* would otherwise try every
+    # split of a long run (seconds for 250 spaces).
+    m = _CHOICE_RE.match(" ".join(line.split())) if line else None
     return m.group("letter").lower() if m else None
 
 
@@ -148,12 +205,14 @@ _BINOPS = {ast.Add: float.__add__, ast.Sub: float.__sub__, ast.Mult: float.__mul
 def _eval_symbolic(text: str) -> float | None:
     """Options written with π, √ or brackets ("6 / π", "25 / √ π", "78 + ( 4 / 7 ) %"): a tiny
     arithmetic evaluator (units and % dropped)."""
+    if len(text) > MAX_ANSWER_CHARS:
+        return None
     expr = re.sub(r"[^0-9.+\-*/^()π√ ]", " ", text).replace("^", "**")
     expr = re.sub(r"√\s*(π|\d+(?:\.\d+)?)", r"sqrt(\1)", expr).replace("π", " pi ")
     expr = re.sub(r"(\d|\))\s+(?=[a-z(\d])", r"\1*", expr.strip())  # implicit products: "4 pi"
     try:
         tree = ast.parse(expr, mode="eval")
-    except SyntaxError:
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
 
     def ev(node):
@@ -170,9 +229,10 @@ def _eval_symbolic(text: str) -> float | None:
         raise ValueError(f"unsupported: {ast.dump(node)}")
 
     try:
-        return ev(tree.body)
-    except (ValueError, ZeroDivisionError, OverflowError):
-        return None
+        value = ev(tree.body)
+    except (ValueError, ZeroDivisionError, OverflowError, TypeError, RecursionError):
+        return None  # TypeError: a negative number to a fractional power is complex
+    return value if isinstance(value, float) and math.isfinite(value) else None
 
 
 # ---------------------------------------------------------------- comparison and voting keys
@@ -209,6 +269,7 @@ def answer_key(answer, answer_type: str) -> str | None:
 def answer_segment(completion: str) -> str | None:
     """The text after the last answer marker, or None without one."""
     last = None
+    completion = plain_text(completion)
     for last in _MARKER_RE.finditer(completion):
         pass
     return None if last is None else completion[last.end():]
@@ -218,6 +279,8 @@ def extract_nl(completion: str, answer_type: str) -> tuple[str | None, str]:
     segment = answer_segment(completion)
     if segment is None:
         return None, "no answer line"
+    if answer_line(segment) is None and segment.strip():
+        return None, f"answer line longer than {MAX_ANSWER_CHARS} characters"
     if answer_type == "choice":
         letter = parse_choice(segment)
         return letter, "" if letter else "answer is not an option letter"

@@ -27,7 +27,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from reftune.rewards.answers import answer_segment, format_number, normalize_number, parse_choice
+from reftune.rewards.answers import MAX_ANSWER_CHARS, answer_segment, format_number, normalize_number, parse_choice
+from reftune.rewards.answers import answer_line as bounded_answer_line
 
 log = logging.getLogger(__name__)
 
@@ -189,4 +190,6 @@ def extract_final(completion: str, answer_type: str, answer_format: str = "reft"
     segment = find_answer(completion, answer_format)
     if segment is None:
         return None, "no answer line" if answer_format != "boxed" else "no \\boxed{} answer"
+    if bounded_answer_line(segment) is None and segment.strip():  # model output: bounded before it is read
+        return None, f"answer line longer than {MAX_ANSWER_CHARS} characters"
     return read_answer(segment, answer_type)

@@ -8,6 +8,9 @@
 
 The RL reward is 1 / 0.1 / 0 for correct / answered but wrong / no usable answer, so
 `Graded.answer` is None whenever the answer is unusable, with `Graded.reason` saying why.
+`grade_batch` never raises on model output: every completion and every value a program returns
+is read under the bounds of `answers.py` and `programs.py` (length, digits, magnitude, nesting),
+and what exceeds them is no answer with its reason.
 No torch here: data loading and evaluation import this module (the sandbox's workers import nothing of reftune).
 """
 
@@ -16,8 +19,8 @@ from __future__ import annotations
 import ast
 from typing import Sequence
 
-from reftune.rewards.answers import (LETTERS, OPTION_REL_TOL, TOLERANCE, answer_segment, extract_nl, is_correct,
-                                     option_value, parse_choice)
+from reftune.rewards.answers import (LETTERS, OPTION_REL_TOL, TOLERANCE, answer_segment, exact_number, extract_nl,
+                                     is_correct, option_value, parse_choice, plain_text)
 from reftune.rewards.formats import extract_final
 from reftune.rewards.programs import clean_program, instrument, program_values, value_to_answer
 from reftune.types import Example, Graded
@@ -34,6 +37,7 @@ def extract_answer(completion: str, style: str) -> str | None:
 def extract_answers(completions: list[str], style: str, timeout: float = 2.0,
                     memory_mb: int = 512) -> list[str | None]:
     """Batch `extract_answer`; programs run in one sandbox call."""
+    completions = [plain_text(c) if isinstance(c, str) else "" for c in completions]
     if style == "nl":
         return [extract_nl(c, "number")[0] for c in completions]
     if style == "choice":
@@ -81,10 +85,10 @@ def _grade_program_choice(value, reason: str, ex: Example, guard: bool) -> tuple
     """
     numbers: list[float] = []
     if guard and isinstance(value, str):  # instrumented run: value = repr((returned, numeric locals))
-        try:
-            value, numbers = ast.literal_eval(value)
-        except (ValueError, SyntaxError, TypeError):
+        packed = _read_packed(value)
+        if packed is None:
             return None, "could not read the program's result"
+        value, numbers = packed
     answer, why = value_to_answer(value, reason)
     if answer is None:
         return None, why
@@ -103,6 +107,29 @@ def _grade_program_choice(value, reason: str, ex: Example, guard: bool) -> tuple
     return (None, f"value {answer} matches no option") if guard else (answer, "")
 
 
+_MAX_PACKED = 20_000  # characters of an instrumented result (the sandbox caps strings at 10,000)
+
+
+def _read_packed(text: str) -> tuple[object, list[float]] | None:
+    """(returned value, numeric locals) from an instrumented program's result, or None when the text
+    is not that shape. The program chose the text (it can rebind `solution`), so nothing about it
+    is trusted: literal_eval under a length bound, any failure (nesting deep enough for a
+    RecursionError, digits past int's limit) is None, and the numbers must be finite floats."""
+    text = plain_text(text)
+    if len(text) > _MAX_PACKED:
+        return None
+    try:
+        value, numbers = ast.literal_eval(text)
+    except Exception:
+        return None
+    if not isinstance(numbers, list) or not (value is None or isinstance(value, (str, int, float))):
+        return None
+    floats = [exact_number(n) for n in numbers]
+    if any(f is None or f != f or abs(f) == float("inf") for f in floats):
+        return None
+    return value, floats
+
+
 def grade_batch(cots: Sequence[str], examples: Sequence[Example], style: str, answer_type: str,
                 choice_guard: bool = True, timeout: float = 2.0, memory_mb: int = 512,
                 answer_format: str = "reft") -> list[Graded]:
@@ -117,6 +144,7 @@ def grade_batch(cots: Sequence[str], examples: Sequence[Example], style: str, an
     if answer_type not in ("number", "choice"):
         raise ValueError(f"answer_type must be number or choice, got {answer_type!r}")
     graded: list[Graded] = []
+    cots = [plain_text(c) if isinstance(c, str) else "" for c in cots]  # a str subclass: its characters only
     if style == "nl":
         for cot, ex in zip(cots, examples):
             answer, why = extract_final(cot, answer_type, answer_format)  # rewards/formats.py

@@ -1,5 +1,9 @@
 """P-CoT programs: cleaning generated text into a runnable program, instrumenting `solution()`'s
 returns (for the multiple-choice guard), running them in `reftune.sandbox`, and reading the value.
+
+Nothing here raises on model output: a completion longer than MAX_COMPLETION_CHARS is no program,
+text Python cannot parse (nesting, null bytes, huge literals) is cut or dropped, and a returned
+value is read under the bounds of `answers.py` (an int beyond float range is no answer).
 """
 
 from __future__ import annotations
@@ -7,8 +11,12 @@ from __future__ import annotations
 import ast
 import re
 
-from reftune.rewards.answers import format_number, normalize_number, parse_choice
-from reftune.sandbox.policy import parse_quietly
+from reftune.rewards.answers import (MAX_ANSWER_CHARS, exact_number, format_number, normalize_number, parse_choice,
+                                     plain_text)
+from reftune.sandbox.rules import parse_quietly
+
+MAX_COMPLETION_CHARS = 1 << 20
+"""A completion longer than this is not read as a program (the sandbox refuses such programs too)."""
 
 _CODE_START_RE = re.compile(r"^(?:def |async def |class |import |from |@|[A-Za-z_]\w*\s*=[^=])")
 _KEEP_NODES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Import, ast.ImportFrom,
@@ -27,6 +35,9 @@ def clean_program(text: str) -> str:
     dropped: the sandbox calls `solution()` itself. `import math` / `import sympy` is added when
     `math.` / `sympy.` is used without it (the release put both in the program's globals).
     """
+    text = plain_text(text)
+    if len(text) > MAX_COMPLETION_CHARS:
+        return ""
     if "```" in text:
         blocks = re.findall(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", text, re.DOTALL)
         text = next((b for b in blocks if "def " in b), blocks[0] if blocks else text.replace("```", ""))
@@ -56,7 +67,8 @@ def clean_program(text: str) -> str:
         kept.append("\n".join(lines[first - 1: node.end_lineno]))
     program = "\n\n".join(kept)
     for module in ("sympy", "math"):  # the release put both in the program's globals
-        if re.search(rf"\b{module}\.", program) and not re.search(rf"^\s*import {module}\b", program, re.M):
+        # [ \t]*, not \s*: with re.M, \s* would rescan every following blank line from each line start
+        if re.search(rf"\b{module}\.", program) and not re.search(rf"^[ \t]*import {module}\b", program, re.M):
             program = f"import {module}\n" + program
     return program
 
@@ -68,7 +80,7 @@ def _parse_prefix(lines: list[str]) -> tuple[ast.Module | None, list[str]]:
             return parse_quietly("\n".join(lines)), lines
         except SyntaxError as e:  # keep what comes before the first broken line
             lines = lines[: min((e.lineno or len(lines)) - 1, len(lines) - 1)]
-        except (ValueError, RecursionError, MemoryError):  # null bytes, absurd nesting
+        except Exception:  # null bytes, absurd nesting, literals Python will not convert
             break
     return None, []
 
@@ -153,7 +165,7 @@ def instrument(program: str) -> str | None:
                 packer = _PackReturns(_local_names(node))
                 node.body = [packer.visit(stmt) for stmt in node.body]
         return ast.unparse(ast.fix_missing_locations(tree)) + "\n" + _PACK_HELPER
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
+    except Exception:  # SyntaxError, RecursionError, MemoryError, what unparse cannot write back
         return None
 
 
@@ -172,17 +184,21 @@ def program_values(programs: list[str], timeout: float, memory_mb: int) -> list[
 
 def value_to_answer(value, reason: str) -> tuple[str | None, str]:
     """A program's returned value as a canonical number string or a letter, with a reason."""
+    kind = type(value)  # (type(): a value's __class__ can lie; the sandbox only returns exact types)
     if value is None:
-        return None, reason or "solution() returned None"
-    if isinstance(value, bool):
+        return None, plain_text(reason) or "solution() returned None"
+    if issubclass(kind, bool):
         return None, "solution() returned a bool"
-    if isinstance(value, (int, float)):
-        text = format_number(float(value))
-        return text, "" if text is not None else "not a finite number"
-    if isinstance(value, str):
-        stripped = value.strip()
+    if issubclass(kind, (int, float)):
+        number = exact_number(value)
+        text = format_number(number) if number is not None else None
+        return text, "" if text is not None else "not a finite number" if number is not None else "number out of range"
+    if issubclass(kind, str):
+        stripped = plain_text(value).strip()
+        if len(stripped) > MAX_ANSWER_CHARS:
+            return None, f"returned text longer than {MAX_ANSWER_CHARS} characters"
         if len(stripped) <= 4 and (letter := parse_choice(stripped)):
             return letter, ""
         text = normalize_number(stripped)
         return text, "" if text is not None else "returned text is not a number"
-    return None, f"unsupported return type {type(value).__name__}"
+    return None, f"unsupported return type {kind.__name__}"

@@ -3,26 +3,36 @@
 Each program is defined in a fresh namespace (one globals dict, so top-level helpers work) and its
 ``solution()`` is called; the returned value becomes the reward input. In ReFT the policy writes the
 code that decides its own reward, so the executor is built to hold against programs written to break
-it, and no program can influence another's result.
+it: no program can change another's result or timing, or be charged for another's faults.
 
 How it runs: a pool of zygote processes (``worker.py``, started with ``subprocess``: fork+exec of a
 clean ``python -s -B`` in a new session, never a fork of the trainer, never torch) imports the allowed
-modules once and runs no program code. It parses, checks and compiles each program (which runs none
-of it), then forks a fresh child (copy-on-write), which locks itself down, runs the program and writes
-one result frame to a pipe of its own. The zygote reads only that pipe, kills the child's process
-group, waits for it and empties the temp folder before the next program. So nothing a program does
-survives it (monkeypatched classes, module, random or decimal state, threads, objects with
-``__del__``, files, sympy caches), and a program can forge nothing but its own result. Results
-stream back one by one over a Unix socket whose sender the kernel attests (a frame from any process
-but the zygote is refused); up to ``max_batch`` programs go per round trip, and a zygote that dies
-or hangs costs one program ("crashed"/"timeout") before a fresh one takes over the rest of its batch.
+modules once and runs no program code. It parses, checks and compiles a short program (4 KB:
+milliseconds at worst) itself, while the program before runs, and takes that time off the program's
+own timeout; a longer one compiles in the child that runs it, on its clock and under its memory
+limit. So a slow compile, or its warnings, cost that program alone. A forked child runs the program
+and writes one result frame to a pipe of its own.
+The zygote reads only that pipe, kills the child's process group, waits for it and empties the
+temp folder before the next program. So nothing a program does survives it (monkeypatched classes,
+module, random or decimal state, threads, objects with ``__del__``, files, sympy caches), and a
+program can forge nothing but its own result. Results stream back one by one over a Unix socket
+whose sender the kernel attests (a frame from any process but the zygote is refused); up to
+``max_batch`` programs go per round trip. A zygote that dies or breaks the protocol costs its
+current program ("crashed"); one that stalls (no word past ``timeout + grace``, though it ends
+every program at ``timeout`` itself) is replaced and all its programs run again on a fresh one --
+the current one at most twice before it gets "timeout".
 
-Pure programs (``pure.py``: plain computations on builtin data, math/cmath and allow-listed methods
-of lists, dicts and strings -- every SVAMP gold program, most generated ones) cannot reach any state
-that outlives them or observe one, by construction; they save the fork (~1-3 ms here) by running one
-after another in a shared child, locked down like the others and with no file access at all, which
-serves one call of ``run`` at most. A pure program that runs out of memory or crashes there is rerun
-in a fork of its own; one that hangs ends the shared child.
+The shared child. Pure programs (``pure.py``: plain computations on builtin data, math/cmath and
+allow-listed methods of lists, dicts and strings -- every SVAMP gold program, most generated ones)
+save the fork (~1-3 ms here) by running one after another in a shared child, which serves one call
+of ``run`` at most and has no file access at all. What it guarantees: each program gets a namespace
+and a copy of the builtins of its own (no name of a pure program starts with ``__``, and no program
+may name ``__builtins__``), so no program rebinds what a later one calls; the modules it can import
+(math, cmath) are read-only views; after each program the child checks that the views and the
+import table are still the objects it started with, and ends itself if not; a program that
+runs out of memory, crashes, or whose result shows an object address is rerun in a fork of its own;
+one that hangs ends the shared child. Programs that are not pure, or longer than 4 KB, run in a
+fresh fork each.
 
 Layers, outermost first (``ProgramExecutor.protections`` lists the OS ones that took effect here;
 each is best effort and left out where the kernel refuses it, and a child that cannot apply every
@@ -34,17 +44,26 @@ layer its zygote's probe child could exits before running its program):
   CPython needs to run a program (file and memory calls, futex, clocks, getrandom, threads = clone
   with CLONE_THREAD); everything else is EPERM -- socket of any family, io_uring_*, bpf, ptrace,
   process_vm_*, pidfd_*, mount, unshare/setns, keyctl, userfaultfd, perf_event_open, SysV IPC, ioctl,
-  prctl, kill/tgkill (to anyone), fork/vfork/clone of a process, execve, fcntl(F_SETOWN). Installed
-  in the child before the first byte of program code runs. Without it (other architectures, old
-  kernels) an escaped program can open sockets (pathname Unix sockets such as /var/run/docker.sock;
-  TCP is then still stopped by the network namespace/Landlock), fork (as root) and signal same-user
-  processes.
+  prctl, kill/tgkill (to anyone), fork/vfork/clone of a process, execve, chdir, chmod, links,
+  fcntl(F_SETOWN). Installed in the child before the first byte of program code runs. Without it
+  (other architectures, old kernels) an escaped program can open sockets (pathname Unix sockets such
+  as /var/run/docker.sock; TCP is then still stopped by the network namespace/Landlock), fork (as
+  root) and signal same-user processes.
 * Landlock (kernel >= 5.13, enabled LSM): read-only access to the Python install and system library
   folders; in the temp folder, regular files and folders only; nothing else -- no user files, no
   /proc (so no /proc/<trainer>/environ, fd or mem), no /dev -- and never EXECUTE (the shared child:
   no file at all). ABI >= 4: no TCP bind/connect; ABI >= 6: no signals to, or abstract Unix sockets
   of, processes outside. Without it an escaped program reads what the trainer's user can and writes
   up to 1 MiB per file anywhere that user can (cross-program state through files then needs an escape).
+* tmpfs (root, or unprivileged user namespaces): the temp folder is a private tmpfs of
+  ``oslayers.TMPFS_MB`` (8 MiB) and 1,024 entries in a mount namespace of the zygote's own: the
+  kernel bounds what a program stores there (RAM outside ``memory_mb``), and it vanishes with the
+  zygote; a janitor process outside that namespace removes the mount point if the trainer is gone
+  too. Without it the zygote polls the folder every 20 ms while a forked program runs and kills it
+  past the same bounds ("temp folder too large"): a program may exceed them by what it writes in
+  20 ms. Either way the folder is emptied after every program -- at any depth, with any modes,
+  without recursion (``folders.py``) -- and checked empty before each forked program starts (a
+  zygote that cannot empty it asks to be replaced and its programs run elsewhere).
 * network namespace (root, or unprivileged user namespaces): no usable interface at all. Without it
   UDP is stopped only by seccomp (no socket()).
 * capabilities (root only): dropped in the zygote, so children have no CAP_SYS_PTRACE,
@@ -52,40 +71,55 @@ layer its zygote's probe child could exits before running its program):
   RLIMIT_NPROC 0 stops forks of non-root children (root ignores it: seccomp is what stops them).
 * limits: RLIMIT_AS = the interpreter's mapped size + ``memory_mb`` (MemoryError -> "memory"),
   RLIMIT_FSIZE 1 MiB, RLIMIT_CORE 0, RLIMIT_NOFILE 64, RLIMIT_CPU; stdout/stderr are /dev/null and
-  print() is a no-op. The environment holds only thread-count caps, PYTHONHASHSEED=0 (same set order,
-  hence same str() results, everywhere) and PYTHONSAFEPATH -- no tokens, HOME or PATH.
+  print() is a no-op; warnings are ignored in the zygote and its children, and the zygote's own
+  stderr is /dev/null once it has started, so no pipe can fill. The environment holds only
+  thread-count caps, PYTHONHASHSEED=0 (same set order, hence same str() results, everywhere) and
+  PYTHONSAFEPATH -- no tokens, HOME or PATH.
 * Python level (always; a first filter, not the boundary): the program is parsed and refused
-  ("forbidden: ...") if it names an attribute that starts with ``_`` other than harmless protocol
-  dunders (``__init__``, ``__add__``...) and namedtuple's ``_asdict``/..., a frame, code or traceback
-  attribute, or ``.obj`` (AttributeError.obj holds the object whose lookup failed). Builtins are an
-  allow-list: no eval/exec/compile, open, input, globals/locals/vars, breakpoint, help, exit;
-  getattr/setattr/delattr apply the attribute rule. ``import`` gives views of ``DEFAULT_MODULES``
-  holding only an allow-listed public API per module (``apis.py``): never the real module, never a
-  submodule without its own list, never ``string.Formatter``, ``functools.singledispatch``/``wraps``
-  or ``dataclasses``; so no program string reaches an evaluator. Inside sympy, sympify()/parse_expr()
-  parse strings with an AST walk that builds the expression without eval, lambdify (exec of printed
-  code) substitutes values instead, and ``import_module`` answers "not installed". A lazily imported
-  module (sympy) is importable only by a program whose text names it, so whether an earlier program
-  made the zygote import it never changes what a later one can do.
+  ("forbidden: ...") by ``rules.py`` if it names an attribute that starts with ``_`` other than
+  harmless protocol dunders (``__init__``, ``__add__``...) and namedtuple's ``_asdict``/..., a frame,
+  code or traceback attribute, or ``.obj`` (AttributeError.obj holds the object whose lookup
+  failed); if it names ``__builtins__``; if it calls ``.format``/``.format_map`` on anything but a
+  string literal whose fields pass the same rule (a template walks attributes); if a ``match`` class
+  pattern has positional sub-patterns (they read names from ``__match_args__``, which a program
+  controls) other than ``case int(x)`` and the like on unshadowed builtin types. Names given at run
+  time (getattr/setattr/delattr/hasattr, ``operator.attrgetter``/``methodcaller``, ``__import__``)
+  are checked as the exact ``str`` Python will use, never through a ``str`` subclass's own methods.
+  Builtins are an allow-list: no eval/exec/compile, open, input, globals/locals/vars, breakpoint,
+  help, exit. ``import`` gives views of ``DEFAULT_MODULES`` holding only an allow-listed public API per
+  module (``apis.py``): never the real module, never a submodule without its own list, never
+  ``string.Formatter``, ``functools.singledispatch``/``wraps`` or ``dataclasses``. Inside sympy and
+  mpmath (``harden.py``), sympify()/parse_expr() parse strings with an AST walk that builds the
+  expression without eval, lambdify (exec of printed code) substitutes values instead,
+  ``mpmath.identify`` takes its constants only as a dict of values (by name they are eval'ed), and
+  ``import_module`` answers "not installed". In every child an audit hook then refuses any compile
+  of text -- eval, exec, compile, typing's forward references, code generated anywhere in a library
+  -- except the program's own checked tree and a few callers that compile text of their own (the
+  parser, namedtuple, the import system, sympy's monomial code generator): a path to an evaluator
+  that no rule foresaw fails closed. A lazily imported module (sympy) is importable only by a
+  program whose text names it, so whether an earlier program made the zygote import it never
+  changes what a later one can do.
 
 What is NOT covered:
 
 * The Python layer is a filter over a huge surface (sympy alone has hundreds of modules); a new
   gadget, a CPython/sympy bug or memory corruption yields real interpreter objects. Such a program
   is then still inside the OS layers above -- and only inside the ones listed in ``protections``.
-  Run the trainer as a non-root user.
+  A forked child is a copy of its zygote, whose memory holds the rest of the batch's programs: an
+  escaped program could read their text (not change their results). Run the trainer as a non-root
+  user.
 * A pure program that corrupted the interpreter's memory (a CPython bug reachable from arithmetic,
   list, dict and string code) would control the shared child, and with it the results of the pure
   programs after it in the same call on that zygote; every other guarantee holds. ``_share_pure =
   False`` on an executor gives every program a fork of its own (~5-10x slower for such programs).
-* ``'{0.__class__}'.format(x)`` walks attributes the static check cannot see; it only yields text.
-  typing compiles (never evaluates) string annotations.
 * Only ``solution()``'s return value is collected; printed answers are discarded. A program is killed
-  at ``timeout`` wherever it is (CPU work inside one C call included).
+  at ``timeout`` wherever it is (CPU work inside one C call, or its own compile, included).
 * Only the modules with an allow-list in ``apis.py`` can be allowed (``allowed_modules`` is a subset).
 
 The parent never unpickles anything from a worker: results are length-prefixed JSON, size-capped,
-checked by the zygote (the child's frame) and again by the parent.
+checked by the zygote (the child's frame) and again by the parent. What grading makes of a value
+(bounds on magnitude, digits and length) is in ``reftune.rewards``; ``docs/sandbox.md`` has the
+measured throughput.
 """
 
 from __future__ import annotations
@@ -95,7 +129,6 @@ import json
 import os
 import secrets
 import select
-import shutil
 import socket
 import struct
 import subprocess
@@ -104,10 +137,11 @@ import tempfile
 import threading
 import time
 import weakref
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from reftune.sandbox.apis import API
+from reftune.sandbox.folders import remove_folder
 from reftune.sandbox.policy import DEFAULT_MODULES, KEEP_ENV
 
 __all__ = ["DEFAULT_MODULES", "ExecResult", "ProgramExecutor", "configure", "run_program", "run_programs", "shutdown"]
@@ -118,6 +152,7 @@ _CRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
 _MAX_FRAME = 1 << 20  # a zygote's messages are small (strings are capped at 10k chars); more = misbehaving
 _STARTUP_S = 30.0  # allowance for a fresh zygote to say hello (cold disk, loaded machine)
 _IMPORT_S = 60.0  # allowance for a zygote's first `import sympy` (not counted in the program's timeout)
+_MAX_STRIKES = 2  # a program whose zygote stalled (or asked to be replaced) this often gets no more tries
 
 
 @dataclass(frozen=True)
@@ -128,7 +163,7 @@ class ExecResult:
         numbers -> float; anything else -> str(obj) (capped); None on failure (or if solution()
         returned None).
     reason: "" on success; otherwise one of "timeout", "memory", "crashed", "no solution()",
-        "output too large", "error: <ExcType>: <msg>", "forbidden: <what>".
+        "output too large", "temp folder too large", "error: <ExcType>: <msg>", "forbidden: <what>".
     """
 
     value: int | float | str | None
@@ -210,7 +245,8 @@ class _Worker:
         return out
 
     def close(self, kill: bool = False) -> int | None:
-        """Stop the zygote (EOF on its socket asks it to leave; SIGKILL if asked or needed)."""
+        """Stop the zygote (EOF on its socket asks it to leave; SIGKILL if asked or needed) and remove
+        its temp folder. Never raises on what a program left there (any depth, any mode)."""
         if kill:
             self.proc.kill()
         self.sock.close()
@@ -220,17 +256,20 @@ class _Worker:
             self.proc.kill()
             self.proc.wait()
         if not self.ready:  # keep the start-up error for the exception message
-            self.stderr = self.proc.stderr.read().decode(errors="replace")
+            self.stderr = self.proc.stderr.read(1 << 16).decode(errors="replace")
         self.proc.stderr.close()
-        shutil.rmtree(self.tmpdir, ignore_errors=True)  # a killed zygote could not remove it
+        remove_folder(self.tmpdir)  # a killed zygote could not remove it
         return self.proc.returncode
 
 
 def _close_all(workers: list) -> None:
     for i, w in enumerate(workers):
         if w is not None:
-            w.close()
             workers[i] = None
+            try:
+                w.close()
+            except Exception:  # close() and the exit hook must not raise: the next zygote goes on
+                pass
 
 
 class ProgramExecutor:
@@ -259,6 +298,7 @@ class ProgramExecutor:
         self._pid = os.getpid()
         self.protections: list[str] = []  # layers reported by the latest zygote (see module doc)
         self._share_pure = True  # pure programs share a child (worker.py); False: a fork for every program
+        self._private_tmpfs = True  # False: the temp folder is a plain one, its size polled (tests of that path)
         self._calls = 0  # run() calls so far: a zygote's shared child never serves two
         self._finalizer = weakref.finalize(self, _close_all, self._workers)
 
@@ -276,7 +316,8 @@ class ProgramExecutor:
         self.close()
 
     def _spawn(self) -> _Worker:
-        return _Worker({"modules": self._allowed, "os_layers_only": self._os_only, "share_pure": self._share_pure})
+        return _Worker({"modules": self._allowed, "os_layers_only": self._os_only, "share_pure": self._share_pure,
+                        "tmpfs": self._private_tmpfs})
 
     def run(self, programs: list[str], timeout: float = 2.0, memory_mb: int = 512,
             entry: str = "solution") -> list[ExecResult]:  # fmt: skip
@@ -303,109 +344,138 @@ class ProgramExecutor:
 
     def _run(self, programs: list[str], timeout: float, memory_mb: int, entry: str) -> list[ExecResult]:
         self._calls += 1
-        results: list = [None] * len(programs)
-        pending = deque(range(len(programs)))
-        budget = timeout + self.grace
-        poller, watched = select.poll(), {}  # watched: fd -> slot
-        startup_failures = 0
+        job = {"timeout": timeout, "memory_mb": memory_mb, "entry": entry, "call": self._calls}
+        return _Round(self, programs, job).run()
 
-        def retire(slot: int, kill: bool) -> tuple[_Worker, int | None]:
-            w, self._workers[slot] = self._workers[slot], None
-            if watched.pop(w.fd, None) is not None:
-                poller.unregister(w.fd)
-            return w, w.close(kill=kill)
 
-        def fail(slot: int, reason: str) -> None:
-            """The zygote died, hung or broke the protocol: blame its current program, resubmit the rest."""
-            nonlocal startup_failures
-            w, code = retire(slot, kill=True)
-            if not (w.ready and w.acked):  # it died before it got our batch: nobody to blame
-                startup_failures += 1  # but do not loop forever
-                if startup_failures > 3:
-                    raise RuntimeError(f"sandbox worker does not start (exit {code}): {w.stderr[-2000:]}")
-            elif w.jobs:
-                results[w.jobs.popleft()] = ExecResult(None, reason)
-            pending.extendleft(reversed(w.jobs))
+class _Round:
+    """One call of `ProgramExecutor.run`: feeds the zygotes batches, reads their results, and
+    replaces a zygote that dies, stalls or breaks the protocol.
 
-        def watch(w: _Worker, slot: int) -> None:
-            mask = select.POLLIN | (select.POLLOUT if w.outbuf else 0)
-            if w.fd in watched:
-                poller.modify(w.fd, mask)
-            else:
-                poller.register(w.fd, mask)
-                watched[w.fd] = slot
+    Blame: a zygote that dies or breaks the protocol costs its current program ("crashed"); one
+    that stalls (no word past `timeout + grace`: the zygote itself ends every program at `timeout`,
+    so the stall is its own, or the machine's) or asks to be replaced (its temp folder would not
+    empty) costs nobody: all its programs are rerun on a fresh zygote, the current one at most
+    _MAX_STRIKES times before it gets "timeout" / "crashed"."""
 
-        def feed(slot: int) -> None:
-            w = self._workers[slot]
-            if w is not None and (w.proc.poll() is not None or w.tasks >= self.max_tasks):
-                retire(slot, kill=False)  # died while idle, or due for replacement
-                w = None
-            if w is None:
-                w = self._workers[slot] = self._spawn()
-            # Guided self-scheduling: batches amortise round trips but shrink as the queue drains, so
-            # that a few slow programs at the end do not queue up behind each other on one zygote.
-            batch = max(1, min(self.max_batch, len(pending) // (2 * self.size)))
-            jobs = [pending.popleft() for _ in range(batch)]
-            w.jobs.extend(jobs)
-            w.acked = False
-            w.send({"jobs": [[i, programs[i]] for i in jobs], "timeout": timeout, "memory_mb": memory_mb,
-                    "entry": entry, "call": self._calls})  # fmt: skip
-            if w.ready:
-                w.deadline = time.monotonic() + budget
-            watch(w, slot)
+    def __init__(self, pool: ProgramExecutor, programs: list[str], job: dict):
+        self.pool, self.programs, self.job = pool, programs, job
+        self.results: list = [None] * len(programs)
+        self.pending = deque(range(len(programs)))
+        self.budget = job["timeout"] + pool.grace
+        self.poller, self.watched = select.poll(), {}  # watched: fd -> slot
+        self.startup_failures = 0
+        self.strikes: Counter = Counter()
 
+    def run(self) -> list[ExecResult]:
+        workers = self.pool._workers
         while True:
-            for slot, w in enumerate(self._workers):
-                if pending and (w is None or not w.jobs):
-                    feed(slot)
-            busy = [w for w in self._workers if w is not None and w.jobs]
+            for slot, w in enumerate(workers):
+                if self.pending and (w is None or not w.jobs):
+                    self.feed(slot)
+            busy = [w for w in workers if w is not None and w.jobs]
             if not busy:
-                return results
+                return self.results
             wait = min(w.deadline for w in busy) - time.monotonic()
-            for fd, events in poller.poll(max(0.0, wait) * 1000 + 1):
-                slot = watched.get(fd)
-                if slot is None:  # its zygote was retired earlier in this round
-                    continue
-                w = self._workers[slot]
-                if events & select.POLLOUT:  # room in the socket for the rest of a large batch
-                    w.flush()
-                    watch(w, slot)
-                if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
-                    messages = w.frames()
-                    if messages is None or not all(self._handle(w, m, results, budget) for m in messages):
-                        fail(slot, "crashed")
+            for fd, events in self.poller.poll(max(0.0, wait) * 1000 + 1):
+                slot = self.watched.get(fd)
+                if slot is not None:  # (None: its zygote was retired earlier in this round)
+                    self.on_events(slot, events)
             now = time.monotonic()
-            for slot, w in enumerate(self._workers):
+            for slot, w in enumerate(workers):
                 if w is not None and w.jobs and now > w.deadline:
-                    fail(slot, "timeout")
+                    self.fail(slot, "timeout", rerun=True)
 
-    def _handle(self, w: _Worker, msg, results, budget: float) -> bool:
-        """Apply one message from a zygote; False if it breaks the protocol (the zygote is then killed)."""
+    def on_events(self, slot: int, events: int) -> None:
+        w = self.pool._workers[slot]
+        if events & select.POLLOUT:  # room in the socket for the rest of a large batch
+            w.flush()
+            self.watch(w, slot)
+        if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
+            messages = w.frames()
+            verdicts = [self.handle(w, m) for m in messages] if messages is not None else [False]
+            if "requeue" in verdicts:
+                self.fail(slot, "crashed", rerun=True)
+            elif not all(verdicts):
+                self.fail(slot, "crashed")
+
+    def retire(self, slot: int, kill: bool) -> tuple[_Worker, int | None]:
+        w, self.pool._workers[slot] = self.pool._workers[slot], None
+        if self.watched.pop(w.fd, None) is not None:
+            self.poller.unregister(w.fd)
+        return w, w.close(kill=kill)
+
+    def fail(self, slot: int, reason: str, rerun: bool = False) -> None:
+        """Replace a zygote (see the class doc): its current program gets `reason` (unless `rerun`
+        and it has strikes left); the rest go back to the queue."""
+        w, code = self.retire(slot, kill=True)
+        if not (w.ready and w.acked):  # it died before it got our batch: nobody to blame
+            self.startup_failures += 1  # but do not loop forever
+            if self.startup_failures > 3:
+                raise RuntimeError(f"sandbox worker does not start (exit {code}): {w.stderr[-2000:]}")
+        elif w.jobs:
+            self.strikes[w.jobs[0]] += rerun
+            if not rerun or self.strikes[w.jobs[0]] >= _MAX_STRIKES:
+                self.results[w.jobs.popleft()] = ExecResult(None, reason)
+        self.pending.extendleft(reversed(w.jobs))
+
+    def watch(self, w: _Worker, slot: int) -> None:
+        mask = select.POLLIN | (select.POLLOUT if w.outbuf else 0)
+        if w.fd in self.watched:
+            self.poller.modify(w.fd, mask)
+        else:
+            self.poller.register(w.fd, mask)
+            self.watched[w.fd] = slot
+
+    def feed(self, slot: int) -> None:
+        pool, pending = self.pool, self.pending
+        w = pool._workers[slot]
+        if w is not None and (w.proc.poll() is not None or w.tasks >= pool.max_tasks):
+            self.retire(slot, kill=False)  # died while idle, or due for replacement
+            w = None
+        if w is None:
+            w = pool._workers[slot] = pool._spawn()
+        # Guided self-scheduling: batches amortise round trips but shrink as the queue drains, so
+        # that a few slow programs at the end do not queue up behind each other on one zygote.
+        batch = max(1, min(pool.max_batch, len(pending) // (2 * pool.size)))
+        jobs = [pending.popleft() for _ in range(batch)]
+        w.jobs.extend(jobs)
+        w.acked = False
+        w.send({"jobs": [[i, self.programs[i]] for i in jobs], **self.job})
+        if w.ready:
+            w.deadline = time.monotonic() + self.budget
+        self.watch(w, slot)
+
+    def handle(self, w: _Worker, msg) -> bool | str:
+        """Apply one message from a zygote; False if it breaks the protocol (the zygote is then
+        killed), "requeue" if it asks to be replaced."""
         now = time.monotonic()
         if not isinstance(msg, dict):
             return False
         if "hello" in msg and not w.ready:
-            w.ready, w.deadline = True, now + budget
-            self.protections = [str(p) for p in msg.get("prot", [])]
+            w.ready, w.deadline = True, now + self.budget
+            self.pool.protections = [str(p) for p in msg.get("prot", [])]
             return True
         if w.ready and "batch" in msg and not w.acked:
             w.acked = msg["batch"] == len(w.jobs)
             return w.acked
         if not w.ready or not w.acked or not w.jobs or msg.get("i") != w.jobs[0]:
             return False  # results come strictly in the order the jobs were sent
+        if "requeue" in msg:
+            return "requeue"
         if msg.get("ev") == "import":
             w.deadline = now + _IMPORT_S
         elif msg.get("ev") == "start":
-            w.deadline = now + budget
+            w.deadline = now + self.budget
         elif "r" in msg:
             value, reason = msg.get("v"), msg["r"]
             if isinstance(value, bool):
                 value = int(value)
             if not (value is None or isinstance(value, (int, float, str))) or not isinstance(reason, str):
                 return False
-            results[w.jobs.popleft()] = ExecResult(value, reason[:1000])
+            self.results[w.jobs.popleft()] = ExecResult(value, reason[:1000])
             w.tasks += 1
-            w.deadline = now + budget
+            w.deadline = now + self.budget
         else:
             return False
         return True

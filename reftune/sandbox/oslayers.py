@@ -168,15 +168,35 @@ def _caps(get):
     return libc().syscall(nums[1], header, data) == 0
 
 
-def setup_zygote(tmpdir):
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REC, _MS_PRIVATE = 2, 4, 8, 1 << 14, 1 << 18
+_CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
+TMPFS_MB = 8  # the temp folder's total size (files and folders) when it is a private tmpfs
+TMPFS_INODES = 1024  # and its number of files and folders
+
+
+def private_tmpfs(path):
+    """Mount a size-capped tmpfs over `path` in a mount namespace of this process's own (root, or
+    inside the user namespace made for the network one): what the children write there is RAM,
+    bounded by the kernel, and it disappears with the last process of the namespace. True if done."""
+    lib = libc()
+    if lib.unshare(_CLONE_NEWNS) != 0 or lib.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+        return False
+    options = f"size={TMPFS_MB}m,nr_inodes={TMPFS_INODES},mode=0700".encode()
+    return lib.mount(b"tmpfs", os.fsencode(path), b"tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, options) == 0
+
+
+def setup_zygote(tmpdir, tmpfs=True):
     """Once, in the zygote before it imports anything for programs; returns the layer names in force.
+    `tmpfs`: try to make the temp folder a private size-capped tmpfs (False: a plain folder).
 
     The zygote runs no program code: it keeps the privileges it needs to fork, kill and clean up, and
     prepares what each child applies to itself (ChildLayers)."""
     done, lib = [], libc()
     # Private network namespace (no usable interface): root directly, others via a user namespace.
-    if lib.unshare(0x40000000) == 0 or lib.unshare(0x10000000 | 0x40000000) == 0:
+    if lib.unshare(_CLONE_NEWNET) == 0 or lib.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0:
         done.append("netns")
+    if tmpfs and private_tmpfs(tmpdir):  # before Landlock's rules, which open the folder by its path
+        done.append("tmpfs")
     for name, value in {"FSIZE": 1 << 20, "CORE": 0, "NOFILE": 64}.items():
         try:
             resource.setrlimit(getattr(resource, "RLIMIT_" + name), (value, value))

@@ -1,22 +1,29 @@
-"""Python-level policy of the sandbox: what a program may name, import and call.
+"""Python-level policy of the sandbox: what a program may import and call, and how it is run.
 
-Standard library only (sympy is touched only by `apis.harden_sympy`, after the zygote imported it)
-and only relative imports of its siblings: the worker loads this folder as a package of its own,
-never through reftune. The parent imports it for DEFAULT_MODULES and KEEP_ENV (no side effects).
+Standard library only (sympy is touched only by `harden.py`, after the zygote imported it) and only
+relative imports of its siblings (`errors`, `apis`, `rules`, `pure`): the worker loads this folder as
+a package of its own, never through reftune. The parent imports it for DEFAULT_MODULES and KEEP_ENV
+(no side effects).
 
-A first filter, not the boundary (the OS layers are): it refuses the programs that name interpreter
-internals, and hands out only an allow-listed API, so that no program string reaches an evaluator.
+A first filter, not the boundary (the OS layers are): `rules.py` refuses the programs that name
+interpreter internals; here programs get only an allow-listed API and builtins, each program its
+own copy of them, so that no program string reaches an evaluator and no program changes what a
+later one sees. In the children an audit hook (`install_compile_guard`) refuses any compile of text
+in every child, wherever in the libraries it comes from.
 """
 
 import ast
 import builtins
+import collections
 import operator
 import sys
 import types
-import warnings
 
 from .apis import API, LAZY_MODULES
-from .pure import is_pure, unsafe_builtins
+from .errors import Forbidden, ForbiddenAttr, ForbiddenImport, forbidden_stub
+from .pure import PURE_MODULES, is_pure, unsafe_builtins
+from .rules import (check_tree, compile_quietly, dynamic_attr_blocked, exact_name, may_name_dunders, module_allowed,
+                    parse_quietly)
 
 # Importable by programs. Stdlib ones are imported by the zygote at start (~50 ms); LAZY_MODULES
 # (sympy: 0.3-1 s) by the zygote when a program that names them arrives, outside its timeout.
@@ -30,78 +37,16 @@ DEFAULT_MODULES = (
 KEEP_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
             "PYTHONHASHSEED": "0", "PYTHONSAFEPATH": "1"}  # fmt: skip
 MAX_STR = 10_000  # longer string results -> "output too large"
+MAX_INT_BITS = 13_000  # larger int results -> "output too large" (JSON writes at most 4,300 digits)
 
-# The attribute rule. Frames, code and tracebacks lead to real globals and builtins; AttributeError.obj
-# hands out the object whose lookup failed (a real module, inside library code). Names starting with
-# "_" are refused too (__class__, __subclasses__, __globals__, __self__, __dict__, random._os...)
-# except protocol dunders, which only compute values, and namedtuple's API.
-BLOCKED_ATTRS = frozenset(
-    "gi_frame gi_code gi_yieldfrom cr_frame cr_code cr_await cr_origin ag_frame ag_code ag_await "
-    "f_globals f_locals f_builtins f_back f_code f_trace tb_frame tb_next obj".split()
-)
-ALLOWED_UNDERSCORE = frozenset(
-    "_asdict _replace _fields _make _field_defaults".split()
-    + [f"__{n}__" for n in (
-        "init new call post_init name qualname doc str repr format hash bool len iter next "
-        "reversed contains getitem setitem delitem missing enter exit eq ne lt le gt ge neg pos abs "
-        "invert int float complex index round trunc floor ceil").split()]
-    + [f"__{p}{n}__" for p in ("", "r", "i") for n in (
-        "add sub mul matmul truediv floordiv mod divmod pow lshift rshift and or xor").split()]
-)  # fmt: skip
 SAFE_BUILTINS = (
     "abs all any ascii bin bool bytearray bytes callable chr classmethod complex dict dir divmod "
-    "enumerate filter float format frozenset hasattr hash hex id int isinstance issubclass iter len "
+    "enumerate filter float format frozenset hash hex id int isinstance issubclass iter len "
     "list map max min next object oct ord pow property range repr reversed round set slice sorted "
     "staticmethod str sum super tuple type zip memoryview NotImplemented Ellipsis __build_class__"
 ).split()
 # Present as stubs that raise "forbidden: <name>()": the evaluators, I/O and introspection.
 FORBIDDEN_BUILTINS = "eval exec compile open input breakpoint help exit quit globals locals vars".split()
-
-
-class Forbidden(Exception):
-    """A policy refusal, reported as "forbidden: <what>"."""
-
-
-class ForbiddenImport(Forbidden, ImportError):  # so that `try: import numpy / except ImportError` works
-    pass
-
-
-class ForbiddenAttr(Forbidden, AttributeError):  # so that hasattr() says False
-    pass
-
-
-def attr_blocked(name):
-    if not isinstance(name, str):
-        return True
-    return name in BLOCKED_ATTRS or name.startswith("_") and name not in ALLOWED_UNDERSCORE
-
-
-def module_allowed(name, allowed):
-    """`allowed`: the top-level modules this pool allows; a submodule needs its own API entry."""
-    return name.partition(".")[0] in allowed and name in API
-
-
-def check_tree(nodes, allowed):
-    """Refuse, before anything runs, attribute access that leads to interpreter internals, and names
-    outside an allowed module's API. `nodes`: all nodes of the program's tree (list(ast.walk(tree)))."""
-    for node in nodes:
-        kind, names = type(node), ()
-        if kind is ast.Name or kind is ast.Constant or kind is ast.Load or kind is ast.Store:
-            continue  # most nodes: nothing to check
-        if kind is ast.Attribute:
-            names = (node.attr,)
-        elif kind is ast.MatchClass:  # `case C(__class__=x)` is a getattr too
-            names = node.kwd_attrs
-        elif kind is ast.ImportFrom:  # other imports fail at run time (catchable, as ImportError)
-            if node.level:
-                raise ForbiddenImport("relative import")
-            known = API[node.module] if module_allowed(node.module or "", allowed) else None
-            for alias in node.names:
-                if known is not None and alias.name != "*" and alias.name not in known:
-                    raise ForbiddenImport(f"from {node.module} import {alias.name}")
-        for name in names:
-            if attr_blocked(name):
-                raise ForbiddenAttr(f"attribute .{name}")
 
 
 # --------------------------------------------------------------------------------- module views
@@ -111,10 +56,10 @@ class ModuleView(types.ModuleType):
     """What `import m` gives a program: a fresh module holding only m's allow-listed names (values are
     the real functions, classes and constants; submodules are views too). Never the real module, so
     that nothing reached through it (its globals, `sys`, `import_module`) is a way out. Read-only, so
-    that a program cannot change it for code it calls (each program runs in a fresh fork anyway)."""
+    that a program cannot change it for code it calls."""
 
     def __getattr__(self, name):  # only called for names the view does not hold
-        raise ForbiddenAttr(f"{self.__name__}.{name}")
+        raise ForbiddenAttr(f"{self.__name__}.{exact_name(name)}")
 
     def __setattr__(self, name, value):
         raise AttributeError("sandboxed modules are read-only")
@@ -141,33 +86,50 @@ def add_submodule(parent, name, view):
     vars(parent)["__all__"] = sorted(set(vars(parent)["__all__"]) | {name})
 
 
-def _name_checked(fn, dotted=False):
-    """fn (getattr, setattr, delattr, operator.attrgetter/methodcaller) under the attribute rule."""
-
-    def checked(*args, **kwargs):
-        names = args if dotted else args[1:2] if fn in (getattr, setattr, delattr) else args[:1]
-        if any(attr_blocked(part) for n in names for part in (str(n).split(".") if dotted else [n])):
-            raise ForbiddenAttr(f"{fn.__name__}{tuple(names)}")
-        return fn(*args, **kwargs)
-
-    return checked
+# ---------------------------------------------------- functions that take attribute names at run time
 
 
-OVERRIDES = {
-    ("operator", "attrgetter"): _name_checked(operator.attrgetter, dotted=True),
-    ("operator", "methodcaller"): _name_checked(operator.methodcaller),
-}
+def allowed_name(name, what, dotted=False):
+    """The exact str of an attribute name a program passed at run time, or ForbiddenAttr."""
+    exact = exact_name(name)
+    if exact is None or any(dynamic_attr_blocked(p) for p in (exact.split(".") if dotted else [exact])):
+        raise ForbiddenAttr(f"{what}({exact if exact is not None else type(name).__name__!r})")
+    return exact
+
+
+def checked_getattr(obj, name, *default):
+    return getattr(obj, allowed_name(name, "getattr"), *default)
+
+
+def checked_setattr(obj, name, value):
+    return setattr(obj, allowed_name(name, "setattr"), value)
+
+
+def checked_delattr(obj, name):
+    return delattr(obj, allowed_name(name, "delattr"))
+
+
+def checked_hasattr(obj, name):
+    exact = exact_name(name)
+    if exact is None:
+        raise TypeError("hasattr(): attribute name must be string")
+    return not dynamic_attr_blocked(exact) and hasattr(obj, exact)
+
+
+def checked_attrgetter(*names):
+    return operator.attrgetter(*[allowed_name(n, "attrgetter", dotted=True) for n in names])
+
+
+def checked_methodcaller(name, /, *args, **kwargs):
+    return operator.methodcaller(allowed_name(name, "methodcaller"), *args, **kwargs)
+
+
+OVERRIDES = {("operator", "attrgetter"): checked_attrgetter, ("operator", "methodcaller"): checked_methodcaller}
+for _fn in (checked_getattr, checked_setattr, checked_delattr, checked_hasattr, checked_attrgetter, checked_methodcaller):
+    _fn.__name__ = _fn.__qualname__ = _fn.__name__.removeprefix("checked_")
 
 
 # ----------------------------------------------------------------------------- builtins, import
-
-
-def forbidden_stub(name):
-    def stub(*args, **kwargs):
-        raise Forbidden(f"{name}()")
-
-    stub.__name__ = stub.__qualname__ = name
-    return stub
 
 
 def _print(*args, **kwargs):
@@ -184,9 +146,9 @@ class Policy:
         b = {name: getattr(builtins, name) for name in SAFE_BUILTINS}
         b.update({k: v for k, v in vars(builtins).items() if isinstance(v, type) and issubclass(v, BaseException)})
         b.update({name: forbidden_stub(name) for name in FORBIDDEN_BUILTINS})
-        b.update({f.__name__: _name_checked(f) for f in (getattr, setattr, delattr)})
+        b.update(getattr=checked_getattr, setattr=checked_setattr, delattr=checked_delattr, hasattr=checked_hasattr)
         b.update(__import__=self.guarded_import, print=_print)
-        self.builtins = b
+        self.builtins = b  # the master copy: each program gets a dict(...) of it
         self.unsafe_for_pure = unsafe_builtins(b)
 
     def load(self, name):
@@ -208,10 +170,56 @@ class Policy:
             self.load(sub)
 
     def guarded_import(self, name, globals=None, locals=None, fromlist=(), level=0):
-        top = name.partition(".")[0] if isinstance(name, str) else None
+        name = exact_name(name)
+        top = name.partition(".")[0] if name is not None else None
         if level or name not in self.views or top in LAZY_MODULES and top not in self.lazy_ok:
             raise ForbiddenImport(f"import {name}")
         return self.views[name] if fromlist else self.views[top]
+
+    def snapshot(self):
+        """What every pure program of a shared child reaches besides its own copy of the builtins (the
+        math and cmath views, the import table): compared after each one, so that a change no rule
+        foresaw ends the shared child. (The master builtins are no program's to see.)"""
+        pure_views = [tuple(vars(self.views[m]).items()) for m in PURE_MODULES if m in self.views]
+        return tuple(self.views.items()), pure_views, self.lazy_ok
+
+
+# ---------------------------------------------------------------------- the children's audit hook
+
+
+def install_compile_guard():
+    """An audit hook (it cannot be removed) that refuses compile() of text -- eval, exec, compile,
+    typing's forward references, anything in a library that generates code -- and the creation of
+    code objects. Installed in each child before program code runs (never where programs get the
+    real builtins, `_os_layers_only`). Trusted callers compile only text or trees of their own:
+    `rules.compile_quietly` (the program's checked tree), ast.parse (no code object results),
+    namedtuple (its field names are checked identifiers), the import system (files of the Python
+    install) and sympy's monomial code generator (text made from a number of generators)."""
+    getframe = sys._getframe
+    direct = {ast.parse.__code__, collections.namedtuple.__code__, compile_quietly.__code__}
+    via = {}  # code of the frame that calls compile -> check of that frame
+    importer = sys.modules.get("_frozen_importlib")
+    loader = getattr(sys.modules.get("_frozen_importlib_external"), "SourceLoader", None)
+    if importer is not None and loader is not None:
+        source_to_code = loader.source_to_code.__code__
+        via[importer._call_with_frames_removed.__code__] = lambda f: f.f_back.f_code is source_to_code
+    monomials = sys.modules.get("sympy.polys.monomials")
+    if monomials is not None:
+        ops = monomials.MonomialOps
+        via[ops._build.__code__] = lambda f: type(f.f_locals.get("self")) is ops and \
+            f.f_back.f_code.co_filename == monomials.__file__  # fmt: skip
+
+    def hook(event, args):
+        if event == "compile":
+            caller = getframe(1)
+            check = via.get(caller.f_code)
+            if caller.f_code in direct or check is not None and check(caller):
+                return
+            raise Forbidden("compile()")
+        if event == "code.__new__":
+            raise Forbidden("code objects")
+
+    sys.addaudithook(hook)
 
 
 # ------------------------------------------------------------------------------ running a program
@@ -233,7 +241,7 @@ def convert(v):
         return None, ""
     if isinstance(v, int):  # bool, IntEnum, ... -> int
         v = int(v)
-        return (v, "") if v.bit_length() <= 13_000 else (None, "output too large")  # JSON: <= 4300 digits
+        return (v, "") if v.bit_length() <= MAX_INT_BITS else (None, "output too large")
     if isinstance(v, float):
         return float(v), ""
     mod = getattr(type(v), "__module__", "") or ""
@@ -243,44 +251,43 @@ def convert(v):
             return float(v), ""  # Fraction, Decimal, sympy numbers
         except (TypeError, ValueError, OverflowError):
             pass  # complex, symbolic: the text
-    s = v if isinstance(v, str) else str(v)
-    return (str(s), "") if len(s) <= MAX_STR else (None, "output too large")
-
-
-def parse_quietly(source: str, filename: str = "<program>") -> ast.Module:
-    """`ast.parse` without the warnings a model-written program can raise (SyntaxWarning "invalid
-    decimal literal" for `1if`, DeprecationWarning for an escape such as "\\d"): they are the
-    program's, and would print on the trainer's terminal. The grader's clean-up uses it too."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SyntaxWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return ast.parse(source, filename, "exec")
+    s = exact_name(v if issubclass(type(v), str) else str(v))  # str() may return a lying subclass
+    return (s, "") if s is not None and len(s) <= MAX_STR else (None, "output too large")
 
 
 def prepare(policy, program):
-    """Parse, check and compile a program (in the zygote: parsing runs no program code, and the child
-    then starts from a code object). Returns (code, reason, pure); code is None when refused."""
+    """Parse, check and compile a program (in the child that runs it: parsing runs no program code,
+    and its time is the program's). Returns (code, reason, pure); code is None when refused."""
     try:
         tree = parse_quietly(program)
         nodes = list(ast.walk(tree))
-        check_tree(nodes, policy.allowed)
-        pure = is_pure(nodes, policy.unsafe_for_pure)
+        dunders = may_name_dunders(program)
+        check_tree(nodes, policy.allowed, dunders)
+        pure = is_pure(nodes, policy.unsafe_for_pure, dunders)
         del nodes
-        return builtins.compile(tree, "<program>", "exec", dont_inherit=True), "", pure
+        return compile_quietly(tree), "", pure
     except BaseException as exc:  # SyntaxError, Forbidden, RecursionError, MemoryError on absurd input
         return None, describe(exc), False
 
 
+def _call(code, entry, namespace, builtins):
+    """Define the program in `namespace` with `builtins` and call `entry`; returns what convert()
+    makes of the value."""
+    namespace.update(__builtins__=builtins, __name__="__sandbox__")
+    exec(code, namespace)  # one namespace: helpers defined next to solution() are visible
+    fn = namespace.get(entry)
+    return convert(fn()) if callable(fn) else (None, f"no {entry}()")
+
+
 def run(policy, code, program, entry):
-    """Define and call one prepared program (in a fresh child); returns (value, reason)."""
+    """Call one prepared program (in a fresh child); returns (value, reason)."""
     # Lazy modules (sympy) only for programs that name them, so that whether the zygote happened to
     # import one for an earlier program never changes what this one can do.
     policy.lazy_ok = frozenset(m for m in LAZY_MODULES if m in program)
     try:
-        namespace = {"__builtins__": policy.builtins, "__name__": "__sandbox__"}
-        exec(code, namespace)  # one namespace: helpers defined next to solution() are visible
-        fn = namespace.get(entry)
-        return convert(fn()) if callable(fn) else (None, f"no {entry}()")
+        # The master builtins: this child is the program's alone and exits after it (a copy would
+        # touch every builtin object, and copy their pages from the zygote: ~0.2 ms a program).
+        return _call(code, entry, {}, policy.builtins)
     except BaseException as exc:
         return None, describe(exc)
 
@@ -289,11 +296,9 @@ def run_pure(policy, code, entry):
     """run() for a pure program in the shared child; also says whether to recompute it in a fresh
     fork: after a MemoryError (the shared heap may be fuller than a fresh one), or when the text
     shows an object address (it would depend on what ran before)."""
-    namespace = {"__builtins__": policy.builtins, "__name__": "__sandbox__"}
+    namespace = {}
     try:
-        exec(code, namespace)
-        fn = namespace.get(entry)
-        value, reason = convert(fn()) if callable(fn) else (None, f"no {entry}()")
+        value, reason = _call(code, entry, namespace, dict(policy.builtins))  # a copy of its own
     except MemoryError:
         return None, "memory", True
     except BaseException as exc:

@@ -1,6 +1,6 @@
 """Which programs may share a process: plain computations that can reach nothing that outlives them.
 
-Standard library only. A program is *pure* when its syntax tree uses only the node types of _NODES
+Standard library only; imports `apis` and `rules` of its siblings. A program is *pure* when its syntax tree uses only the node types of _NODES
 (no class, lambda, decorator, annotation, yield, with, match, set, global state of any kind) and
 every value it can name is builtin data: its own variables, a few builtin functions and types, math
 and cmath, and its own functions -- which it may only call, never use as values. Attributes are
@@ -10,7 +10,8 @@ dicts and ranges, call functions and raise/catch exceptions: it cannot reach a m
 state, decimal or random state, files, threads or `__del__` -- nothing survives it. Its results
 depend on no allocator state either: no value it can observe has an address in its repr or hash
 (functions, iterators, generators and bound methods are never values; sets, whose order follows
-hashes, are not allowed; id/hash are not builtins here). The zygote runs pure programs one after
+hashes, are not allowed; id/hash are not builtins here). No name of a pure program starts with
+``__`` (``global __builtins__`` would rebind the namespace's own). The zygote runs pure programs one after
 another in one pre-forked, fully locked-down child (saving a fork per program); anything else runs in
 a fresh fork of its own, and so does a pure program that ran out of memory or crashed there.
 """
@@ -18,6 +19,7 @@ a fresh fork of its own, and so does a pure program that ran out of memory or cr
 import ast
 
 from .apis import API
+from .rules import NAMING_KINDS, names_of
 
 # Builtins a pure program may name (as values and calls), besides the exception classes; print only
 # as a call (it is a no-op).
@@ -59,92 +61,115 @@ def unsafe_builtins(builtins):
     return frozenset(builtins) - PURE_BUILTINS - CALL_ONLY_BUILTINS - ITERATORS - exceptions
 
 
-def is_pure(nodes, unsafe):
+class _Scan:
+    """What one pass over a program's nodes found (see `_scan`)."""
+
+    def __init__(self):
+        self.functions, self.data, self.modules, self.imported = set(), set(), {}, set()  # modules: name -> module
+        self.called, self.consumed = set(), set()  # ids of call targets; of call arguments and loop iterables
+        self.loads, self.attributes, self.generators, self.calls = [], [], [], []
+
+
+def is_pure(nodes, unsafe, dunders=True):
     """True if the program (the nodes of its ast.Module, e.g. list(ast.walk(tree))) is pure in the
     sense of this module's docstring. `unsafe`: builtin names it may not use (see unsafe_builtins);
-    a name that is neither defined nor a builtin is fine (it raises NameError)."""
-    functions, data, modules, imported = set(), set(), {}, set()  # modules: bound name -> module
-    called, consumed = set(), set()  # ids of call targets; of call arguments and loop iterables
-    loads, attributes, generators, calls = [], [], [], []
+    a name that is neither defined nor a builtin is fine (it raises NameError). `dunders`: False
+    when the text names nothing starting with "__" (rules.may_name_dunders), to skip that check."""
+    scan = _scan(nodes, dunders)
+    return scan is not None and _names_allowed(scan, unsafe)
+
+
+def _scan(nodes, dunders):
+    """One pass: None at the first node no pure program has, else what it names and how."""
+    s = _Scan()
     for node in nodes:
         kind = type(node)
-        if kind not in _ALLOWED_TYPES:
-            return False
         if kind is ast.Name:
+            if dunders and node.id.startswith("__"):
+                return None  # __builtins__, __name__...: the namespace's own, never a program's data
             if type(node.ctx) is ast.Load:
-                loads.append(node)
+                s.loads.append(node)
             else:
-                data.add(node.id)
-        elif kind is ast.Call:
+                s.data.add(node.id)
+            continue
+        if kind not in _ALLOWED_TYPES or dunders and kind in NAMING_KINDS and any(
+                n.startswith("__") for n in names_of(node, kind)):
+            return None
+        if kind is ast.Call:
             func = node.func
-            called.add(id(func))
-            calls.append(node)
+            s.called.add(id(func))
+            s.calls.append(node)
             if type(func) is ast.Name and func.id in CONSUMERS or type(func) is ast.Attribute and func.attr == "join":
-                consumed.update(map(id, node.args))
+                s.consumed.update(map(id, node.args))
         elif kind is ast.Attribute:
-            attributes.append(node)
+            s.attributes.append(node)
         elif kind is ast.Constant:
             if not isinstance(node.value, _CONSTANT_TYPES):
-                return False  # Ellipsis
+                return None  # Ellipsis
         elif kind is ast.For or kind is ast.comprehension:
-            consumed.add(id(node.iter))
+            s.consumed.add(id(node.iter))
         elif kind is ast.FunctionDef:
             if node.decorator_list or node.returns:
-                return False
-            functions.add(node.name)
+                return None
+            s.functions.add(node.name)
         elif kind is ast.arg:
             if node.annotation is not None:
-                return False
-            data.add(node.arg)
+                return None
+            s.data.add(node.arg)
         elif kind is ast.ExceptHandler:
             if node.name:
-                data.add(node.name)
+                s.data.add(node.name)
         elif kind is ast.Global or kind is ast.Nonlocal:
-            data.update(node.names)
+            s.data.update(node.names)
         elif kind is ast.GeneratorExp:
-            generators.append(node)
+            s.generators.append(node)
         elif kind is ast.Import:
             for alias in node.names:
                 if alias.name not in PURE_MODULES:
-                    return False
-                modules[alias.asname or alias.name] = alias.name
+                    return None
+                s.modules[alias.asname or alias.name] = alias.name
         elif kind is ast.ImportFrom:
             if node.level or node.module not in PURE_MODULES:
-                return False
+                return None
             for alias in node.names:
                 if alias.name not in API[node.module]:
-                    return False  # also refuses *
-                imported.add(alias.asname or alias.name)
-    builtin_like = PURE_BUILTINS | CALL_ONLY_BUILTINS | ITERATORS | imported
-    if functions & data or functions & builtin_like or set(modules) & (functions | data | imported):
+                    return None  # also refuses *
+                s.imported.add(alias.asname or alias.name)
+    return s
+
+
+def _names_allowed(s, unsafe):
+    """The second half of is_pure: every name and attribute is used as the docstring allows."""
+    builtin_like = PURE_BUILTINS | CALL_ONLY_BUILTINS | ITERATORS | s.imported
+    if s.functions & s.data or s.functions & builtin_like or set(s.modules) & (s.functions | s.data | s.imported):
         return False  # one name for two kinds of thing (a builtin or module rebound, a function as data...)
     module_bases = set()
-    for node in attributes:
+    for node in s.attributes:
         base = node.value
         if type(node.ctx) is not ast.Load:
             return False
-        if type(base) is ast.Name and base.id in modules:
-            if node.attr not in API[modules[base.id]]:
+        if type(base) is ast.Name and base.id in s.modules:
+            if node.attr not in API[s.modules[base.id]]:
                 return False
             module_bases.add(id(base))
-        elif node.attr not in METHODS or id(node) not in called:
+        elif node.attr not in METHODS or id(node) not in s.called:
             return False  # an attribute of data: only allow-listed methods, only called (no bound methods)
-    if any(id(node) not in consumed for node in generators):
+    if any(id(node) not in s.consumed for node in s.generators):
         return False  # a generator object would be a value
-    for node in calls:
-        if type(node.func) is ast.Name and node.func.id in ITERATORS and node.func.id not in data:
-            if id(node) not in consumed:
+    for node in s.calls:
+        if type(node.func) is ast.Name and node.func.id in ITERATORS and node.func.id not in s.data:
+            if id(node) not in s.consumed:
                 return False  # an iterator would be a value
-    for node in loads:
+    for node in s.loads:
         name = node.id
-        if name in modules:
+        if name in s.modules:
             if id(node) not in module_bases:
                 return False  # a module as a value
-        elif name in functions or name in CALL_ONLY_BUILTINS and name not in data:
-            if id(node) not in called:
+        elif name in s.functions or name in CALL_ONLY_BUILTINS and name not in s.data:
+            if id(node) not in s.called:
                 return False  # a function used as a value
-        elif name not in data and (name in unsafe or name.startswith("__")):
-            return False  # a builtin outside the list, or the namespace's own (__builtins__ is shared)
-        elif name in ITERATORS and name not in data and id(node) not in called:
+        elif name not in s.data and name in unsafe:
+            return False  # a builtin outside the list
+        elif name in ITERATORS and name not in s.data and id(node) not in s.called:
             return False  # the iterator builtins themselves are fine as values, but keep it simple
     return True
