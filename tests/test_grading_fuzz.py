@@ -19,7 +19,8 @@ from reftune.rewards import grade_batch, grading
 from reftune.tasks.base import Example
 from reftune.types import Graded
 
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
+                suppress_health_check=list(HealthCheck))  # no example database: nothing written to the tree
 MARKER = "Therefore, the answer is "
 NUMBER = Example("n", "q", "72")
 CHOICE = Example("m", "q", "a", options={"a": "38", "b": "27.675", "c": "6 / π", "d": "25 / √ π", "e": "none of these"})

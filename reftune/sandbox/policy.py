@@ -125,7 +125,8 @@ def checked_methodcaller(name, /, *args, **kwargs):
 
 
 OVERRIDES = {("operator", "attrgetter"): checked_attrgetter, ("operator", "methodcaller"): checked_methodcaller}
-for _fn in (checked_getattr, checked_setattr, checked_delattr, checked_hasattr, checked_attrgetter, checked_methodcaller):
+for _fn in (checked_getattr, checked_setattr, checked_delattr, checked_hasattr, checked_attrgetter,
+            checked_methodcaller):  # what programs see: the builtin's name
     _fn.__name__ = _fn.__qualname__ = _fn.__name__.removeprefix("checked_")
 
 

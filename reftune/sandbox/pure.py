@@ -1,19 +1,20 @@
 """Which programs may share a process: plain computations that can reach nothing that outlives them.
 
-Standard library only; imports `apis` and `rules` of its siblings. A program is *pure* when its syntax tree uses only the node types of _NODES
-(no class, lambda, decorator, annotation, yield, with, match, set, global state of any kind) and
-every value it can name is builtin data: its own variables, a few builtin functions and types, math
-and cmath, and its own functions -- which it may only call, never use as values. Attributes are
-either allow-listed math/cmath names or calls of allow-listed methods of builtin data (``xs.append``,
-``s.split``, ``d.items``...). Such a program can only build ints, floats, strings, lists, tuples,
-dicts and ranges, call functions and raise/catch exceptions: it cannot reach a module's or class's
-state, decimal or random state, files, threads or `__del__` -- nothing survives it. Its results
-depend on no allocator state either: no value it can observe has an address in its repr or hash
-(functions, iterators, generators and bound methods are never values; sets, whose order follows
-hashes, are not allowed; id/hash are not builtins here). No name of a pure program starts with
-``__`` (``global __builtins__`` would rebind the namespace's own). The zygote runs pure programs one after
-another in one pre-forked, fully locked-down child (saving a fork per program); anything else runs in
-a fresh fork of its own, and so does a pure program that ran out of memory or crashed there.
+Standard library only; imports `apis` and `rules` of its siblings. A program is *pure* when its
+syntax tree uses only the node types of _NODES (no class, lambda, decorator, annotation, yield,
+with, match, set, global state of any kind) and every value it can name is builtin data: its own
+variables, a few builtin functions and types, math and cmath, and its own functions -- which it may
+only call, never use as values. Attributes are either allow-listed math/cmath names or calls of
+allow-listed methods of builtin data (``xs.append``, ``s.split``, ``d.items``...). Such a program
+can only build ints, floats, strings, lists, tuples, dicts and ranges, call functions and
+raise/catch exceptions: it cannot reach a module's or class's state, decimal or random state, files,
+threads or `__del__` -- nothing survives it. Its results depend on no allocator state either: no
+value it can observe has an address in its repr or hash (functions, iterators, generators and bound
+methods are never values; sets, whose order follows hashes, are not allowed; id/hash are not
+builtins here). No name of a pure program starts with ``__`` (``global __builtins__`` would rebind
+the namespace's own). The zygote runs pure programs one after another in one pre-forked, fully
+locked-down child (saving a fork per program); anything else runs in a fresh fork of its own, and so
+does a pure program that ran out of memory or crashed there.
 """
 
 import ast

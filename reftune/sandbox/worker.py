@@ -301,6 +301,10 @@ class Zygote:
                 result = self._run_shared(job, deadline, timeout, memory_mb, meanwhile)
                 if result is not None:
                     return result
+                # The shared child could not vouch for it (a crash, MemoryError in a fuller heap):
+                # our doubt, not the program's fault, so a fresh fork with a fresh timeout.
+                self.send({"i": index, "ev": "start"})
+                deadline = time.monotonic() + timeout
         return self._run_forked(code, program, entry, deadline, timeout, memory_mb)
 
     def _run_forked(self, code, program, entry, deadline, timeout, memory_mb):
