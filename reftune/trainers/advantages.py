@@ -6,6 +6,8 @@ error message all read. Each estimator is a tensor-in, tensor-out function of th
 
 `kl` is the per-token KL to the reference of the sampled tokens (computed once per step); `reduce`
 sums a tensor over processes when the batch is split over several (None: one process).
+`response_mask` selects the tokens that train (a row masked out entirely gets 0 advantages and
+takes no part in the batch statistics).
 """
 
 from __future__ import annotations
@@ -16,14 +18,28 @@ from typing import Callable
 from reftune.trainers import algorithms as A
 
 
+def _kl_for_rewards(kl, cfg):
+    """The KL that shapes the token rewards: all of it when it acts in the reward, else none."""
+    return kl if cfg.kl_in_reward else kl.new_zeros(kl.shape)
+
+
 def gae_advantages(scores, kl, old_values, response_mask, cfg, kl_coef, reduce=None):
     """The paper: token rewards (score on the last token, -kl_coef*KL on every token when the KL
     is in the reward), GAE with the value head, whitened over the batch's response tokens."""
-    rewards = A.token_rewards(scores, kl if cfg.kl_in_reward else kl.new_zeros(kl.shape), response_mask, kl_coef)
+    rewards = A.token_rewards(scores, _kl_for_rewards(kl, cfg), response_mask, kl_coef)
     advantages, returns = A.gae(rewards, old_values, response_mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
-        advantages = A.masked_whiten(advantages, response_mask, reduce=reduce)
+        advantages = A.masked_whiten(advantages, response_mask, reduce=reduce, min_std=cfg.whiten_min_std)
     return advantages, returns
+
+
+def reinforce_pp_advantages(scores, kl, old_values, response_mask, cfg, kl_coef, reduce=None):
+    """REINFORCE++: the same token rewards as GAE's (KL in the reward), discounted returns with
+    `gamma` and no critic, normalised over the whole batch's response tokens (always: the batch
+    statistics are the method's baseline)."""
+    rewards = A.token_rewards(scores, _kl_for_rewards(kl, cfg), response_mask, kl_coef)
+    returns = A.discounted_returns(rewards, response_mask, cfg.gamma)
+    return A.masked_whiten(returns, response_mask, reduce=reduce, min_std=cfg.whiten_min_std), None
 
 
 def _group(method: str):
@@ -40,16 +56,22 @@ def _group(method: str):
 class Estimator:
     estimate: Callable
     uses_value_head: bool
-    """True: a value head is trained (and the KL can shape per-token rewards); False: critic-free,
-    the KL then acts through the loss."""
+    """True: a value head is trained alongside the policy."""
+    token_rewards: bool
+    """True: the advantages come from per-token rewards, so the KL can act in the reward; False:
+    one advantage per sequence, and the KL then acts through the loss."""
     min_samples_per_prompt: int
     summary: str
 
 
 ADVANTAGE_ESTIMATORS: dict[str, Estimator] = {
-    "gae": Estimator(gae_advantages, True, 1, "value head + GAE (the paper)"),
-    "grpo": Estimator(_group("grpo"), False, 2, "group-normalised scores, no value head"),
-    "rloo": Estimator(_group("rloo"), False, 2, "leave-one-out baseline, no value head"),
+    "gae": Estimator(gae_advantages, True, True, 1, "value head + GAE (the paper)"),
+    "reinforce_pp": Estimator(reinforce_pp_advantages, False, True, 1,
+                              "REINFORCE++: batch-normalised discounted returns, KL in the reward, no value head"),
+    "grpo": Estimator(_group("grpo"), False, False, 2, "group-normalised scores, no value head"),
+    "rloo": Estimator(_group("rloo"), False, False, 2, "leave-one-out baseline, no value head"),
+    "dr_grpo": Estimator(_group("dr_grpo"), False, False, 2, "Dr. GRPO: group mean baseline, no std division, "
+                                                            "no value head"),
 }
 
 

@@ -51,13 +51,16 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
 
 
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True,
-                  reduce: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+                  reduce: Optional[Callable[[Tensor], Tensor]] = None, min_std: float = 0.0) -> Tensor:
     """(x - mean) * rsqrt(var + 1e-8) with the masked mean and unbiased masked variance over all
     masked elements of the batch; the mean is added back when `shift_mean` is False (scale only).
 
     `reduce` (a sum over processes, e.g. an all-reduce) makes the statistics those of the whole
     batch when its rows are split over processes: the same two passes (mean, then the centred sum
     of squares) on the global sums, so W shares of B/W rows whiten like one batch of B.
+    `min_std` > 0 guards against whitening noise: when the std is below it, x is centred but not
+    divided (differences that small are float rounding, e.g. a KL of 1e-7 on a batch whose rewards
+    are all equal, and dividing would turn them into unit-sized advantages and an lr-sized step).
     Output has the shape of `x` and is zeroed where `mask` is 0.
     """
     if reduce is None:
@@ -68,7 +71,10 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True,
         mean = totals[0] / n.clamp(min=1)
         var = reduce(masked_sum((x - mean) ** 2, mask)) / n.clamp(min=1)
         var = var * n / (n - 1).clamp(min=1)
-    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    scale = torch.rsqrt(var + 1e-8)
+    if min_std > 0:  # a select, not a branch: no host sync, and the same numbers above the floor
+        scale = torch.where(var < min_std**2, torch.ones_like(scale), scale)
+    whitened = (x - mean) * scale
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask.bool(), whitened, torch.zeros((), dtype=whitened.dtype, device=x.device))
@@ -84,6 +90,45 @@ def sequence_mean(x: Tensor, mask: Tensor) -> Tensor:
     per_row = masked_mean(x, mask, dim=-1)
     nonempty = mask.bool().any(dim=-1)
     return per_row.sum() / nonempty.sum().clamp(min=1).to(per_row.dtype)
+
+
+def seq_mean_token_sum_norm(x: Tensor, mask: Tensor, norm_length: int) -> Tensor:
+    """Token SUM within each sequence divided by the constant `norm_length`, then mean over the
+    non-empty sequences -> 0-dim (Dr. GRPO: no per-sequence length normalisation, so a long wrong
+    answer is not penalised less per token than a short one)."""
+    if not norm_length or norm_length < 1:
+        raise ValueError(f"seq_mean_token_sum_norm needs norm_length >= 1 (the generation budget); got {norm_length}")
+    per_row = masked_sum(x, mask, dim=-1) / norm_length
+    nonempty = mask.bool().any(dim=-1)
+    return per_row.sum() / nonempty.sum().clamp(min=1).to(per_row.dtype)
+
+
+LOSS_AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
+
+
+def aggregate(x: Tensor, mask: Tensor, mode: str = "seq_mean_token_mean", norm_length: Optional[int] = None) -> Tensor:
+    """A per-token loss (batch, seq) reduced to 0-dim:
+    - seq_mean_token_mean (the paper): `sequence_mean`, every sequence weighs the same;
+    - token_mean (DAPO): `masked_mean` over all tokens, every token weighs the same;
+    - seq_mean_token_sum_norm (Dr. GRPO): `seq_mean_token_sum_norm` with `norm_length`.
+    """
+    if mode == "seq_mean_token_mean":
+        return sequence_mean(x, mask)
+    if mode == "token_mean":
+        return masked_mean(x, mask)
+    if mode == "seq_mean_token_sum_norm":
+        return seq_mean_token_sum_norm(x, mask, norm_length)
+    raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {', '.join(LOSS_AGGREGATIONS)}")
+
+
+def aggregation_units(mask: Tensor, mode: str = "seq_mean_token_mean") -> Tensor:
+    """(batch,) float: what each row adds to `aggregate`'s denominator (1 per non-empty row for
+    the sequence means, its token count for token_mean). A batch split into parts aggregates as
+    the sum of the parts' aggregates, each weighted by its units over the whole batch's."""
+    if mode not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {', '.join(LOSS_AGGREGATIONS)}")
+    counts = mask.bool().sum(-1)
+    return (counts if mode == "token_mean" else counts > 0).float()
 
 
 # --------------------------------------------------------------------------- KL and rewards
@@ -201,9 +246,19 @@ def rloo_advantages(scores: Tensor, group_size: int) -> Tensor:
     return (s - leave_one_out).reshape(-1)
 
 
+def dr_grpo_advantages(scores: Tensor, group_size: int) -> Tensor:
+    """Dr. GRPO: s - group mean -> (batch,), no division by the group's std (which weighs questions
+    that are almost always right or wrong up). group_size < 2 raises."""
+    if group_size < 2:
+        raise ValueError(f"dr_grpo needs group_size >= 2 (samples_per_prompt); got {group_size}")
+    s = _grouped(scores, group_size)
+    return (s - s.mean(dim=-1, keepdim=True)).reshape(-1)
+
+
 _GROUP_ESTIMATORS: dict[str, Callable[[Tensor, int, float], Tensor]] = {
     "grpo": lambda s, g, eps: grpo_advantages(s, g, eps),
     "rloo": lambda s, g, eps: rloo_advantages(s, g),
+    "dr_grpo": lambda s, g, eps: dr_grpo_advantages(s, g),
 }
 
 
@@ -211,7 +266,7 @@ def group_advantages(scores: Tensor, group_size: int, method: str, eps: float = 
     """Critic-free advantages (batch,) from sequence scores (batch,) laid out in contiguous groups
     of `group_size` samples per question (batch = n_prompts * group_size).
 
-    method: "grpo" (`grpo_advantages`) or "rloo" (`rloo_advantages`). Raises ValueError on an
+    method: "grpo", "rloo" or "dr_grpo" (`*_advantages` above). Raises ValueError on an
     unknown method, a batch not divisible by group_size, or a group_size the method cannot use.
     """
     if method not in _GROUP_ESTIMATORS:
@@ -222,6 +277,30 @@ def group_advantages(scores: Tensor, group_size: int, method: str, eps: float = 
     return _GROUP_ESTIMATORS[method](scores, group_size, eps)
 
 
+def mixed_groups(scores: Tensor, group_size: int) -> Tensor:
+    """(n_prompts,) bool: the groups of `group_size` consecutive scores that are not all equal --
+    the ones a group-relative advantage can learn from (dynamic sampling keeps only those)."""
+    s = _grouped(scores, group_size)
+    return s.amax(dim=-1) != s.amin(dim=-1)
+
+
+def discounted_returns(rewards: Tensor, response_mask: Tensor, gamma: float) -> Tensor:
+    """G_t = r_t + gamma * G_{t+1} over response tokens (batch, seq), 0 after the last one and on
+    padding: GAE with V = 0 and lam = 1 (REINFORCE++'s per-token return, no critic)."""
+    rewards = rewards if rewards.is_floating_point() else rewards.float()
+    return gae(rewards, torch.zeros_like(rewards), response_mask, gamma, 1.0)[0]
+
+
+def overlong_penalty(lengths: Tensor, max_length: int, buffer: int, factor: float = 1.0) -> Tensor:
+    """DAPO's soft overlong punishment (batch,) for response lengths (batch,):
+    0 up to max_length - buffer tokens, then falling linearly to -factor at max_length:
+    factor * clamp((max_length - buffer - length) / buffer, -1, 0)."""
+    if not 0 < buffer <= max_length:
+        raise ValueError(f"overlong buffer must be in 1..max_length={max_length}; got {buffer}")
+    free = max_length - buffer
+    return factor * torch.clamp((free - lengths.float()) / buffer, -1.0, 0.0)
+
+
 def broadcast_sequence_advantages(adv: Tensor, response_mask: Tensor) -> Tensor:
     """(batch,) sequence advantages -> (batch, seq): the same value on every response token, 0
     elsewhere, so critic-free estimators feed the same token-level `ppo_policy_loss`."""
@@ -230,41 +309,122 @@ def broadcast_sequence_advantages(adv: Tensor, response_mask: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- losses
+IMPORTANCE_LEVELS = ("token", "sequence")
+
+
+def importance_log_ratio(logprobs: Tensor, old_logprobs: Tensor, response_mask: Tensor,
+                         level: str = "token") -> Tensor:
+    """log(pi / pi_old) per token (batch, seq), 0 on padding.
+
+    token: log p_t - log p_old_t. sequence (GSPO): every token of a row carries the row's mean
+    token log-ratio, log s_i = mean_t (log p_t - log p_old_t), as a value; its gradient is the
+    token's own, d log p_t (GSPO-token: s_i,t = sg[s_i] * p_t / sg[p_t]). With one advantage per
+    sequence, a sequence-mean loss of s_i,t * A_i has GSPO's gradient, s_i * A_i * mean_t d log p_t.
+    """
+    mask = response_mask.bool()
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    # zeroed on padding first, so exp() of garbage cannot produce inf/nan gradients
+    log_ratio = torch.where(mask, logprobs - old_logprobs, zero)
+    if level == "token":
+        return log_ratio
+    if level != "sequence":
+        raise ValueError(f"unknown importance level {level!r}; expected one of {', '.join(IMPORTANCE_LEVELS)}")
+    per_sequence = masked_mean(log_ratio, mask, dim=-1).detach()
+    own = torch.where(mask, logprobs, zero)
+    return torch.where(mask, per_sequence.unsqueeze(-1) + own - own.detach(), zero)
+
+
+def _ratio_stats(log_ratio: Tensor, ratio: Tensor, mask: Tensor, clipped: Tensor) -> dict[str, Tensor]:
+    """The detached 0-dim statistics every policy loss reports, over masked tokens."""
+    with torch.no_grad():
+        return {
+            "clipfrac": masked_mean(clipped.to(ratio.dtype), mask),
+            "approx_kl": masked_mean(0.5 * log_ratio.detach() ** 2, mask),
+            "ratio_mean": masked_mean(ratio.detach(), mask),
+        }
+
+
 def ppo_policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, response_mask: Tensor, clip: float
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, response_mask: Tensor, clip: float,
+    clip_high: Optional[float] = None, dual_clip: Optional[float] = None, aggregation: str = "seq_mean_token_mean",
+    importance_level: str = "token", norm_length: Optional[int] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate -> (0-dim loss, stats). All inputs (batch, seq).
 
-    ratio = exp(logprobs - old_logprobs); per token: max(-A * ratio, -A * clip(ratio, 1-clip, 1+clip)).
-    Reduced with `sequence_mean` (token mean per sequence, then mean over non-empty sequences;
-    empty rows are excluded). Where the clipped branch wins, the token's gradient is 0.
+    ratio = exp(`importance_log_ratio`); per token: max(-A * ratio, -A * clip(ratio, 1-clip, 1+clip_high))
+    (clip_high None: clip; above clip: DAPO's clip-higher). `dual_clip` c > 1 (Ye et al.): where A < 0
+    the token loss is also capped at -A * c, so a huge ratio on a bad token cannot dominate.
+    Reduced with `aggregate(aggregation)`; the default is `sequence_mean` (token mean per sequence,
+    then mean over non-empty sequences). Where a clipped branch wins, the token's gradient is 0.
     stats (detached 0-dim, over masked tokens): `clipfrac` fraction where clipped loss > unclipped,
-    `approx_kl` mean of 0.5 * (logprobs - old)^2, `ratio_mean` mean ratio.
+    `approx_kl` mean of 0.5 * log_ratio^2, `ratio_mean` mean ratio; with dual_clip also
+    `dual_clipfrac`, the fraction capped by it.
     """
     mask = response_mask.bool()
-    # zero the log-ratio on padding so exp() of garbage cannot produce inf/nan gradients
-    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
-    log_ratio = torch.where(mask, logprobs - old_logprobs, zero)
+    log_ratio = importance_log_ratio(logprobs, old_logprobs, mask, importance_level)
     ratio = torch.exp(log_ratio)
+    high = clip if clip_high is None else clip_high
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = sequence_mean(torch.maximum(unclipped, clipped), mask)
-    with torch.no_grad():
-        stats = {
-            "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
-            "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
-            "ratio_mean": masked_mean(ratio, mask),
-        }
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + high)
+    per_token = torch.maximum(unclipped, clipped)
+    capped = None
+    if dual_clip is not None:
+        capped = (advantages < 0) & (per_token > -advantages * dual_clip)
+        per_token = torch.where(capped, -advantages * dual_clip, per_token)
+    loss = aggregate(per_token, mask, aggregation, norm_length)
+    stats = _ratio_stats(log_ratio, ratio, mask, clipped > unclipped)
+    if capped is not None:
+        stats["dual_clipfrac"] = masked_mean(capped.to(ratio.dtype), mask).detach()
     return loss, stats
 
 
+def cispo_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, response_mask: Tensor, clip: float,
+    clip_high: Optional[float] = None, dual_clip: Optional[float] = None, aggregation: str = "seq_mean_token_mean",
+    importance_level: str = "token", norm_length: Optional[int] = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """CISPO (MiniMax-M1) -> (0-dim loss, stats). All inputs (batch, seq).
+
+    Per token: -sg[clip(ratio, 1-clip, 1+clip_high)] * A * log p: the importance weight is clipped
+    and detached, but every token keeps a gradient (-w * A on log p), where PPO's clip zeroes it.
+    Same arguments and stats as `ppo_policy_loss` (`clipfrac`: tokens whose weight was clipped);
+    token-level only, and no dual clip (the weight is already bounded): those raise ValueError.
+    """
+    if dual_clip is not None or importance_level != "token":
+        raise ValueError("cispo takes a per-token weight, bounded by its clip: no dual_clip, importance_level=token")
+    mask = response_mask.bool()
+    log_ratio = importance_log_ratio(logprobs, old_logprobs, mask, "token")
+    ratio = torch.exp(log_ratio)
+    high = clip if clip_high is None else clip_high
+    weight = torch.clamp(ratio, 1.0 - clip, 1.0 + high).detach()
+    own = torch.where(mask, logprobs, torch.zeros((), dtype=logprobs.dtype, device=logprobs.device))
+    loss = aggregate(-weight * advantages * own, mask, aggregation, norm_length)
+    return loss, _ratio_stats(log_ratio, ratio, mask, weight != ratio.detach())
+
+
+POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = {
+    "ppo": ppo_policy_loss,
+    "cispo": cispo_policy_loss,
+}
+
+
+def get_policy_loss(name: str) -> Callable[..., tuple[Tensor, dict[str, Tensor]]]:
+    """The registered policy loss `name`, looked up in this module when called (so a substitute set
+    on the module, as a test does to inject a nan, is the one used)."""
+    if name not in POLICY_LOSSES:
+        raise ValueError(f"unknown policy loss {name!r}; expected one of {', '.join(POLICY_LOSSES)}")
+    return globals()[POLICY_LOSSES[name].__name__]
+
+
 def ppo_value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, response_mask: Tensor, clip: float
+    values: Tensor, old_values: Tensor, returns: Tensor, response_mask: Tensor, clip: float,
+    aggregation: str = "seq_mean_token_mean", norm_length: Optional[int] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value loss -> (0-dim loss, stats). All inputs (batch, seq).
 
     Per token: 0.5 * max((v - R)^2, (clip(v, v_old - clip, v_old + clip) - R)^2), reduced with
-    `sequence_mean`. stats: `vf_clipfrac`, fraction of masked tokens where the clipped term is larger.
+    `aggregate(aggregation)` (default `sequence_mean`). stats: `vf_clipfrac`, fraction of masked
+    tokens where the clipped term is larger.
     """
     mask = response_mask.bool()
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
@@ -272,7 +432,7 @@ def ppo_value_loss(
     values_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
     unclipped = (values - returns) ** 2
     clipped = (values_clipped - returns) ** 2
-    loss = 0.5 * sequence_mean(torch.maximum(unclipped, clipped), mask)
+    loss = 0.5 * aggregate(torch.maximum(unclipped, clipped), mask, aggregation, norm_length)
     with torch.no_grad():
         stats = {"vf_clipfrac": masked_mean((clipped > unclipped).to(values.dtype), mask)}
     return loss, stats

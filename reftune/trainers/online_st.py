@@ -27,7 +27,7 @@ from reftune.rewards.score import RewardSpec
 from reftune.tasks import Task
 from reftune.trainers.loop import Callbacks, OnlineConfig, OnlineRun
 from reftune.trainers.distributed import scalar
-from reftune.trainers.rollout import sample_and_score
+from reftune.trainers.rollout import sample_and_score, step_metrics
 from reftune.batching import pad, pad_with_mask
 from reftune.trainers.policy import forward_logits_values, shared_prompt_forward
 from reftune.trainers.supervised import IGNORE, encode_sft_example
@@ -215,18 +215,9 @@ def run_online_st(cfg: OnlineSTConfig, resume: bool = False, task: Task | None =
                         stats.setdefault(k, []).append(scalar(v.detach()))
 
         # 6. Metrics of this iteration (score and response length comparable with ReFT's).
-        n_rows = len(scored.graded)
-        metrics = {
-            "online_st/score": float(scored.scores.mean()),
-            "online_st/accuracy": sum(g.correct for g in scored.graded) / n_rows,
-            "online_st/answered": sum(g.answer is not None for g in scored.graded) / n_rows,
-            "online_st/own_examples": n_own,
-            "online_st/ce_rows": sum(len(q.targets) for q in data),
-            "online_st/response_length": float(scored.rollout.response_mask.sum(-1).float().mean()),
-            "online_st/seconds": time.time() - t0,
-            "online_st/seconds_generate": t_gen,
-            **{f"online_st/{k}": sum(v) / len(v) for k, v in stats.items()},
-        }
+        metrics = step_metrics("online_st", scored, stats, own_examples=n_own,
+                               ce_rows=sum(len(q.targets) for q in data), seconds=time.time() - t0,
+                               seconds_generate=t_gen)
         metrics = run.average(metrics)  # over processes (each CE is a mean over its own share)
         # 7. Engine sync, periodic evaluation + best policy, history, log, resumable checkpoint.
         run.end_step(step, metrics, postfix=dict(score=f"{metrics['online_st/score']:.3f}", own=n_own))
