@@ -49,6 +49,7 @@ import torch
 from reftune.engines.base import Rollout
 from reftune.rewards.score import RewardSpec, correctness_score
 from reftune.trainers.rollout import ScoredRollout
+from reftune.trainers.rollout_source import StepRollout
 
 Tensor = torch.Tensor
 
@@ -138,8 +139,6 @@ class StaleRollout(ScoredRollout):
     """(B, R) log-probs of the sampled tokens under the frozen reference (None: the trainer computes them)."""
     policy_step: int = 0
     """Updates the sampling weights had seen (theta_{policy_step})."""
-    seconds: dict | None = None
-    """The rollout process's own time: generate, reference."""
 
 
 @dataclass
@@ -174,7 +173,8 @@ class AsyncRolloutSource:
         """Which theta_k each slot holds (-1: none yet)."""
         self.ready: collections.deque[dict] = collections.deque(saved or [])
         self.in_flight: collections.deque[int] = collections.deque()
-        self.seconds_waited = 0.0
+        self.restore_threads = 0
+        """Thread count to give this process back on close (0: leave it)."""
         self._process, self._conn = None, None
         self._start()
 
@@ -195,11 +195,14 @@ class AsyncRolloutSource:
         return self._process.pid if self._process is not None else None
 
     def close(self) -> None:
-        """Stop the rollout process (idempotent): ask, wait a little, then kill."""
+        """Stop the rollout process (idempotent): ask, wait a little, then kill; this process gets
+        its threads back."""
         proc, conn = self._process, self._conn
         self._process = self._conn = None
         if proc is None:
             return
+        if self.restore_threads:
+            torch.set_num_threads(self.restore_threads)
         try:
             conn.send(("stop", None))
         except (OSError, ValueError):
@@ -238,12 +241,10 @@ class AsyncRolloutSource:
 
     def _receive(self) -> dict:
         """The next result of the rollout process, in the order asked for."""
-        t0 = time.time()
         try:
             result = torch.load(io.BytesIO(self._conn.recv_bytes()), weights_only=True)
         except (EOFError, ConnectionResetError, OSError):
             raise RuntimeError(self._death_note()) from None
-        self.seconds_waited += time.time() - t0
         if "error" in result:
             raise RuntimeError(f"the rollout process failed:\n{result['error']}")
         expected = self.in_flight.popleft()
@@ -255,10 +256,9 @@ class AsyncRolloutSource:
         code = self._process.exitcode if self._process is not None else None
         return f"the rollout process ended unexpectedly (exit code {code})"
 
-    def next(self, step: int, questions: list) -> StaleRollout:
+    def next(self, step: int, questions: list) -> StepRollout:
         """Rollout `step`, scored; then the weights now (theta_step) go to the rollout process and
         rollout step + N is asked for, to be sampled while this step's update runs."""
-        self.seconds_waited = 0.0
         if not self.ready and not self.in_flight:  # a fresh pipeline: steps step .. step+N-1 from theta_step
             self._push(step % self.n, step)
             for s in range(step, step + self.n):
@@ -268,21 +268,90 @@ class AsyncRolloutSource:
             raise RuntimeError(f"the rollout of step {result['step']} is next, step {step} asked for it")
         self._push(step % self.n, step)
         self._request(step + self.n, step % self.n)
-        return self._scored(result, questions)
+        scored = self._scored(result, questions)
+        stats = {"policy_lag": float(step - result["policy_step"]),
+                 **{f"seconds_rollout_{k}": v for k, v in result["seconds"].items()}}
+        return StepRollout(scored, scored, result["policy_step"], stats)
 
     def _scored(self, result: dict, questions: list) -> StaleRollout:
         rollout = Rollout(**result["rollout"])
         examples = [questions[i] for i in rollout.prompt_index]
         graded = self.task.grade(rollout.texts, examples)
         scores = torch.tensor([correctness_score(g, self.reward) for g in graded], dtype=torch.float32)
-        seconds = {**result["seconds"], "wait": self.seconds_waited}
-        return StaleRollout(rollout, examples, graded, scores, result["ref_logprobs"], result["policy_step"], seconds)
+        return StaleRollout(rollout, examples, graded, scores, result["ref_logprobs"], result["policy_step"])
 
     def state_dict(self) -> list[dict]:
         """The rollouts in flight, waited for (checkpoints hold them: a resume hands them out first)."""
         while self.in_flight:
             self.ready.append(self._receive())
         return list(self.ready)
+
+
+# ----------------------------------------------------------------------------------- the trainer's side
+
+
+
+def validate_staleness(cfg, c) -> None:
+    """Refuse `max_staleness` > 0 where it cannot work, saying why (`c`: the config's Checks)."""
+    c.int("max_staleness", 0, 8, note="0: sample each step's rollout when the step starts").int("rollout_threads", 0)
+    c.float("staleness_weight_cap", 1.0, note="the behaviour importance weight is truncated there")
+    if not cfg.max_staleness:
+        return
+    if cfg.engine == "vllm":
+        c.fail("engine", f"cannot sample ahead (max_staleness={cfg.max_staleness}): the rollout process runs a copy "
+                         f"of the policy on the CPU with an in-process engine (auto, static, cached, hf, or your own)")
+    if cfg.device not in ("auto", "cpu"):
+        c.fail("device", f"with max_staleness={cfg.max_staleness}: rollouts ahead are sampled on the CPU beside a "
+                         f"CPU trainer; on a GPU use max_staleness=0")
+    if cfg.lora_quantize != "no":
+        c.fail("lora_quantize", f"with max_staleness={cfg.max_staleness}: the rollout process holds an unquantized "
+                                f"copy, and QLoRA's reference is the quantized base; use lora_quantize=no")
+    if cfg.dynamic_sampling:
+        c.fail("dynamic_sampling", f"with max_staleness={cfg.max_staleness}: its refills depend on the rewards of the "
+                                   f"step's own rollout, so they cannot be sampled ahead")
+
+
+def start_rollouts(cfg, run) -> AsyncRolloutSource:
+    """The rollout process of a ReFT run (an `OnlineRun`), holding the rollouts its checkpoint had in
+    flight when resuming; this process keeps the threads the rollout process does not take."""
+    if run.device.type != "cpu":
+        raise ValueError(f"max_staleness={cfg.max_staleness} samples ahead on the CPU, and this run trains on "
+                         f"{run.device}: set device=cpu or max_staleness=0")
+    saved = None
+    if run.latest is not None and "rollouts_in_flight" in run.latest[1]:
+        saved = run.latest[1]["rollouts_in_flight"][run.dist.rank]
+        if len(saved) != cfg.max_staleness:
+            saved = None  # written with another max_staleness: sample afresh from the weights now
+    total = torch.get_num_threads()
+    threads = cfg.rollout_threads or max(1, total // 2)
+    spec = RolloutSpec(cfg.model, cfg.ref_model or cfg.model,
+                       str(run.model.get_input_embeddings().weight.dtype).removeprefix("torch."), cfg.engine,
+                       cfg.gen_batch_size, threads, cfg.samples_per_prompt, cfg.temperature, cfg.top_p,
+                       cfg.max_new_tokens, cfg.logprob_chunk_size)
+    source = AsyncRolloutSource(spec, model=run.rollout_model, task=run.task, questions=run.questions,
+                                reward=cfg.reward, max_staleness=cfg.max_staleness, seed=cfg.seed,
+                                rank=run.dist.rank, saved=saved)
+    source.restore_threads = total
+    torch.set_num_threads(max(1, total - threads))
+    run.rollout_source = source
+    return source
+
+
+def correct_for_staleness(batch, cap: float) -> dict[str, float]:
+    """Decoupled PPO on a batch the policy being updated did not sample (`batch.policy_step` <
+    `batch.step`): each token's advantage times its truncated behaviour weight (behaviour_weights;
+    `batch.old_logprobs` are then the proximal policy's, from the trainer's own pass). Returns the
+    weights' statistics; a batch sampled by the policy being updated is left as it is."""
+    if batch.policy_step == batch.step:
+        return {}
+    if batch.sampling_logprobs is None:
+        raise RuntimeError(f"step {batch.step} was sampled by the policy of step {batch.policy_step}, "
+                           f"without its log-probs: the staleness cannot be corrected")
+    device = batch.advantages.device
+    weights, stats = behaviour_weights(batch.old_logprobs.to(device), batch.sampling_logprobs.to(device),
+                                       batch.loss_mask.to(device), cap)
+    batch.advantages = batch.advantages * weights
+    return {k: float(v) for k, v in stats.items()}
 
 
 # ----------------------------------------------------------------------------------- the process

@@ -233,6 +233,8 @@ class OnlineRun:
         self.optimizer: torch.optim.Optimizer | None = None
         self.value_head: torch.nn.Module | None = None
         self.start_step, self.best_accuracy, self.history = 0, -1.0, []
+        self.rollout_source = None
+        """A source sampling ahead (async_rollout): its checkpoints hold the rollouts it has in flight."""
         self._bar = None
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -345,9 +347,11 @@ class OnlineRun:
             rngs = dist.gather(rng_state(self.generator))
             optim = optimizer_state(self._optimized, self.optimizer, dist)
             policy_state, value_state = self._states()
+            in_flight = dist.gather(self.rollout_source.state_dict()) if self.rollout_source is not None else None
             if dist.is_main:
                 state = {"step": done, "optimizer": optim, "rng": rngs[0], "best_accuracy": self.best_accuracy,
                          "history": self.history, **({"rng_per_rank": rngs} if dist.enabled else {}),
+                         **({"rollouts_in_flight": in_flight} if in_flight is not None else {}),
                          **({"adapter": adapter_state(self.model)} if is_peft(self.model) else {})}
                 save_rl_checkpoint(self.run_dir, done, self.model, self.tokenizer, self.value_head, state,
                                    policy_state=policy_state, value_state=value_state)
