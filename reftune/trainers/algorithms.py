@@ -58,9 +58,10 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True,
     `reduce` (a sum over processes, e.g. an all-reduce) makes the statistics those of the whole
     batch when its rows are split over processes: the same two passes (mean, then the centred sum
     of squares) on the global sums, so W shares of B/W rows whiten like one batch of B.
-    `min_std` > 0 guards against whitening noise: when the std is below it, x is centred but not
-    divided (differences that small are float rounding, e.g. a KL of 1e-7 on a batch whose rewards
-    are all equal, and dividing would turn them into unit-sized advantages and an lr-sized step).
+    `min_std` > 0 guards against whitening noise: a spread below it is taken as none, so x becomes
+    its mean (0 when shifted). Differences that small are float rounding (e.g. a KL of 1e-7 on a
+    batch whose rewards are all equal); divided by their std they would be unit-sized advantages,
+    and even left small, Adam would rescale their gradient to an lr-sized step.
     Output has the shape of `x` and is zeroed where `mask` is 0.
     """
     if reduce is None:
@@ -73,7 +74,7 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True,
         var = var * n / (n - 1).clamp(min=1)
     scale = torch.rsqrt(var + 1e-8)
     if min_std > 0:  # a select, not a branch: no host sync, and the same numbers above the floor
-        scale = torch.where(var < min_std**2, torch.ones_like(scale), scale)
+        scale = torch.where(var < min_std**2, torch.zeros_like(scale), scale)
     whitened = (x - mean) * scale
     if not shift_mean:
         whitened = whitened + mean

@@ -62,7 +62,7 @@ class ReFTConfig(OnlineConfig):
     whiten_advantages: bool = True
     """Whiten GAE advantages over all response tokens of the rollout batch."""
     whiten_min_std: float = 1e-4
-    """Advantages whose batch std is below this (reward units) are centred but not divided by it: float noise must not become a unit-sized step."""
+    """Whitened advantages whose batch std is below this (reward units) are float noise and become 0, not unit-sized (no step on noise)."""
     policy_loss: str = "ppo"
     """ppo (clipped surrogate, the paper) | cispo (clipped, detached importance weight times log-prob)."""
     importance_level: str = "token"
@@ -414,10 +414,9 @@ def ppo_update(batch: ReFTBatch, learner: Learner, layout: BatchLayout, cfg: ReF
     stats: dict[str, list[float]] = {}
     for _ in range(cfg.ppo_epochs):
         for idx in layout.mini_batches(batch.rows):
-            total = float(units[idx].sum())
-            if run.dist.enabled:  # DDP averages gradients over processes: weigh by the global units
-                total = run.dist.sum_floats(total)[0]
-            total = max(total, 1.0)
+            # DDP averages the gradients of the processes: weigh by the units of all of them (a
+            # device tensor: NCCL reduces no CPU ones)
+            total = max(float(run.dist.all_reduce_sum(units[idx].sum())), 1.0)
             learner.optimizer.zero_grad(set_to_none=True)
             summed: dict[str, float] = {}
             micros = layout.micro_batches(idx)
