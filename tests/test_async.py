@@ -445,3 +445,19 @@ def test_two_processes_one_step_off_killed_mid_step_resume_exactly(warmup_model,
     state = torch.load(a / "checkpoints/step-000004/trainer_state.pt", weights_only=False)
     r0, r1 = (s[0]["rollout"]["response_ids"] for s in state["rollouts_in_flight"])
     assert len(state["rollouts_in_flight"]) == 2 and not torch.equal(r0, r1)  # each rank its own questions
+
+
+def test_fsdp2_one_step_off_samples_the_trained_weights(warmup_model, tmp_path):
+    """Under fsdp2 the weights pushed are the unsharded replica's, refreshed after every update:
+    step 1 is on-policy (the rollout process's log-probs match the trainer's pass to rounding),
+    later steps are one update behind and corrected."""
+    out = tmp_path / "run"
+    done = torchrun(["train", f"model={warmup_model}", f"out_dir={out}", "parallel=fsdp2", "steps=3", "eval_every=3",
+                     "save_every=3", "questions_per_step=8", "samples_per_prompt=2", "mini_batch_size=8",
+                     "max_new_tokens=16", "eval_max_new_tokens=16", "lr=1e-3", "score_none=0.5", "max_staleness=1",
+                     *QUIET, *small_overrides()])
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = records(out)
+    assert [r["reft/policy_lag"] for r in rows] == [0.0, 1.0, 1.0]
+    assert rows[0]["reft/engine_logprob_gap"] < 1e-4 < rows[1]["reft/engine_logprob_gap"]
+    assert all(0.5 < r["reft/staleness_weight"] < 1.5 for r in rows[1:])
