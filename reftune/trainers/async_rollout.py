@@ -31,6 +31,7 @@ closes; `close()` stops it and is called by the run on success, error and interr
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import dataclasses
 import hashlib
@@ -42,6 +43,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 from dataclasses import dataclass
 
 import torch
@@ -186,7 +188,8 @@ class AsyncRolloutSource:
         parent, child = ctx.Pipe()
         self._process = ctx.Process(target=serve, args=(child, self.spec, self.layout, self.slots),
                                     name="reftune-rollouts", daemon=True)
-        self._process.start()
+        with _main_module_hidden():
+            self._process.start()
         child.close()  # only the child holds its end: its exit is an EOF here
         self._conn = parent
 
@@ -285,6 +288,19 @@ class AsyncRolloutSource:
         while self.in_flight:
             self.ready.append(self._receive())
         return list(self.ready)
+
+
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Spawn would import the trainer's `__main__` again in the new process (a script without an
+    `if __name__ == "__main__":` guard would run a second time there); the rollout process needs
+    nothing from it, so it is not told of it."""
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 # ----------------------------------------------------------------------------------- the trainer's side
