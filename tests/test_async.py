@@ -461,3 +461,26 @@ def test_fsdp2_one_step_off_samples_the_trained_weights(warmup_model, tmp_path):
     assert [r["reft/policy_lag"] for r in rows] == [0.0, 1.0, 1.0]
     assert rows[0]["reft/engine_logprob_gap"] < 1e-4 < rows[1]["reft/engine_logprob_gap"]
     assert all(0.5 < r["reft/staleness_weight"] < 1.5 for r in rows[1:])
+
+
+SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import small_data
+from reftune.trainers.reft import ReFTConfig, run_reft
+print("SCRIPT RAN", flush=True)
+run_reft(ReFTConfig(model={model!r}, data=small_data(), out_dir={out!r}, steps=1, questions_per_step=4,
+                    mini_batch_size=4, max_new_tokens=8, eval_max_new_tokens=8, device="cpu", progress=False,
+                    tensorboard=False, max_staleness=1))
+"""
+
+
+def test_a_script_without_a_main_guard_runs_once(warmup_model, tmp_path):
+    """Spawning the rollout process does not import the trainer's script again (multiprocessing's
+    spawn would, running an unguarded script's top level a second time)."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), model=warmup_model, out=str(tmp_path / "run")))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("SCRIPT RAN") == 1
