@@ -465,6 +465,7 @@ class RolloutWorker:
         """Sample with the weights in `slot` (the parameters become views of the shared buffers)."""
         for name, p in self.model.named_parameters():
             p.data = self.views[slot][name]
+        self.engine.sync_weights()  # (an engine that derives state from the weights)
 
     @torch.no_grad()
     def rollout(self, step: int, slot: int, policy_step: int, prompts: list[str], seed: int) -> dict:
