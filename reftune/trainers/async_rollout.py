@@ -198,8 +198,9 @@ class AsyncRolloutSource:
         return self._process.pid if self._process is not None else None
 
     def close(self) -> None:
-        """Stop the rollout process (idempotent): ask, wait a little, then kill; this process gets
-        its threads back."""
+        """Stop the rollout process (idempotent): ask, close the pipe (a result it is still sending
+        then fails there at once), wait a little, then kill; this process gets its threads back.
+        Nothing there needs cleaning up: its shared memory goes with its file descriptors."""
         proc, conn = self._process, self._conn
         self._process = self._conn = None
         if proc is None:
@@ -210,11 +211,11 @@ class AsyncRolloutSource:
             conn.send(("stop", None))
         except (OSError, ValueError):
             pass
-        proc.join(timeout=10)
+        conn.close()
+        proc.join(timeout=5)
         if proc.is_alive():
             proc.kill()
             proc.join()
-        conn.close()
         proc.close()
 
     # -- requests and results
@@ -304,8 +305,6 @@ def _main_module_hidden():
 
 
 # ----------------------------------------------------------------------------------- the trainer's side
-
-
 
 def validate_staleness(cfg, c) -> None:
     """Refuse `max_staleness` > 0 where it cannot work, saying why (`c`: the config's Checks)."""
