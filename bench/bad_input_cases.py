@@ -339,6 +339,8 @@ def special_cases(W: Path) -> list[Case]:
              "data.test_only=true", "split=train"], needles=("train",), setup=json_data(rows(4))),
         Case("validation_size larger than the data", "unclear", ["sft", *fast("sft", W), *json_argv(c),
              "data.validation_size=50"], needles=("validation_size",), setup=json_data(rows(4))),
+        Case("built-in task: validation_size past n_train", "unclear", ["sft", *fast("sft", W),
+             "data.validation_size=999999"], needles=("data.validation_size=999999", "data.n_train")),
         Case("a damaged samples file", "unclear", ["sample", *fast("sample", W), f"out_dir={c}/run"],
              needles=("test_samples.jsonl", "line 1"),
              setup=lambda d: (copy_protected("sample", W)(d), _damage_first_line(d / "run" / "test_samples.jsonl"))),

@@ -5,7 +5,7 @@ with counts of what went wrong.
     /tmp/before/.venv/bin/python bench/bad_inputs.py --tree /tmp/before   # another tree
     python bench/bad_inputs.py --only resume --verbose           # one category, every case
 
-Categories (the issue's): `lost` (earlier output lost or corrupted), `resume` (runs that cannot be
+Categories: `lost` (earlier output lost or corrupted), `resume` (runs that cannot be
 resumed), `traceback` (ordinary mistakes), `silent` (invalid values accepted), `unclear` (messages
 that do not say what is wrong), `prompt` (prompt length), and `sweep`: every numeric or choice field
 of the nine commands given an out-of-range value. Each case says what should happen: an error
@@ -18,8 +18,8 @@ Counted per case (a case can count in several):
 - unclear: exit 2 but the message lacks what it should name, or the command took > 20 s to refuse;
 - failed: a valid input (a resume, a rerun) did not succeed or its check failed.
 
-Everything runs on a tiny model built at the start (about a minute), one thread. Memory-unsafe
-inputs of the issue are scaled down so the old code cannot hurt the machine: the prompt-length
+Everything runs on a tiny model built at the start (about a minute), one thread. Memory-hungry
+inputs are scaled down so an older tree (`--tree`) cannot exhaust the machine: the prompt-length
 cases use a 4 KB question (over the tiny model's 512-token context) instead of 54 KB.
 """
 

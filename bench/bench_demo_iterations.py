@@ -10,8 +10,8 @@ from it), `steps=--steps`, no evaluation, from the same warm-up checkpoint (the 
 iterations' own `seconds` metric after the first two. Trees, trainers and precisions are
 interleaved within each repeat so background load hits all alike; printed: the median over
 repeats per setting, and each tree's ratio against the first tree (first / this: > 1 is faster).
-A tree whose code predates `reftune.trainers` (the layout when the engines issue was filed,
-e.g. 9f53c23 in a `git worktree`) is driven through its old module names.
+A tree whose code predates `reftune.trainers` (the layout up to commit 9f53c23, e.g. 9f53c23 in a
+`git worktree`) is driven through its old module names.
 """
 
 from __future__ import annotations

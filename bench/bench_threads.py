@@ -16,18 +16,18 @@ interleave every (setting, condition), so background load hits all alike; each n
 median over rounds of a process's median over `--reps` timed repetitions. "x alone-default" is
 the slow-down against the default setting running alone.
 
-Measured on the 2-core dev machine (which also ran a demo and other jobs, load average 5-9, so
-"alone" is not idle): 3 rounds x 3 reps, --timeout 90; seconds:
+Measured at commit 7accd29 on a 2-core AMD EPYC with AVX2 (which also ran a demo and other jobs,
+load average 5-9, so "alone" is not idle): 3 rounds x 3 reps, --timeout 90; seconds:
 
     setting      decode alone  decode busy  train alone  train busy
     default       7.7 (>90)    14.5 (>90)     4.8          6.6
     passive       0.59          0.55          0.64         0.81
     1-thread      0.41          1.43          0.82         1.72
-    auto (then)   0.42          1.17          1.02         1.78    (it chose 1 thread: the load)
+    free cores    0.42          1.17          1.02         1.78    (chose 1 thread: the load)
 
 (>90: some of the default's processes ran past the timeout.) The default is 7-26x slower than
 passive, over 100x in its worst runs; passive 2 threads stayed within 1.4x of the best setting
-everywhere, 1 thread lost 2-2.6x beside a competitor. `configure_threads(0)` therefore now picks
+everywhere, 1 thread lost 2-2.6x beside a competitor. `configure_threads(0)` therefore picks
 passive + every CPU (and falls back to free cores only where the wait policy cannot apply).
 """
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,21 +43,13 @@ def _demo_sft() -> SFTConfig:
 
 
 def _demo_reft() -> ReFTConfig:
-    # The library defaults are the paper's; a tiny model on 2 CPU cores needs these departures
-    # (measured on the built-in task, docs/demo-results.md): lr 2e-4 (3e-4 with mini-batches of 8
-    # collapsed the policy), 4 samples per question (32 single samples per step moved validation
-    # accuracy too slowly), lam 1.0 and vf_coef 1 (with lam 0.95 a zero-initialised critic gives
-    # early tokens a fraction of the credit; vf_coef 5 let the value loss pull the shared backbone
-    # off its SFT solution in the first steps). The RL budget is what matters most here: validation
-    # accuracy still climbs after 300 steps, so one PPO epoch per rollout (about as good per step
-    # as two, 1.4x cheaper) and mini-batches of 32 buy the most steps per second. 450 steps instead
-    # of 250: over seeds 0-2 (bf16 path) ReFT - SFT went from +3.0 / +7.5 / +5.5 to +6.0 / +10.5 /
-    # +5.5 (docs/demo-results.md). A critic warm-up of 10 steps tied on validation (mean best 0.543 vs
-    # 0.547), so the paper's zero-initialised critic stays. The static engine's own log-probs and
-    # values of the sampled tokens stand in for the no-grad policy pass (engine_old_logprobs; fp32
-    # only). fp32, not bf16 autocast: on a CPU with native bf16 autocast makes the passes 1.3x
-    # faster but turns engine_old_logprobs off, and whole iterations took the same time (1 thread);
-    # fp32 is the same path on every CPU, and led SFT by +9.5 / +10.75 / +4.25 over seeds 0-2.
+    # The library defaults are the paper's (for 7B models on GPUs). A 0.9M model trained from scratch
+    # on 2 CPU cores needs a larger lr and more samples per question, and above all many cheap PPO
+    # steps: validation accuracy still climbs after 300 of them, so one PPO epoch per rollout and
+    # mini-batches of 32. lam 1.0 and vf_coef 1 keep a zero-initialised critic from starving early
+    # tokens of credit or pulling the shared backbone off its SFT solution. The static engine's own
+    # log-probs and values stand in for the no-grad policy pass (fp32 only, hence no bf16 autocast:
+    # fp32 is also the same numeric path on every CPU). Measurements: docs/demo-results.md.
     return ReFTConfig(steps=450, questions_per_step=32, samples_per_prompt=4, mini_batch_size=32, ppo_epochs=1,
                       lr=2e-4, lam=1.0, vf_coef=1.0, max_new_tokens=64, eval_max_new_tokens=64, eval_every=20,
                       save_every=50, engine="static", engine_old_logprobs=True)
@@ -379,10 +370,6 @@ def _stage_main(conn, fn, args) -> None:
             conn.send((False, RuntimeError(f"{type(e).__name__}: {e}")))
     finally:
         conn.close()
-
-
-def load_summary(out_dir: str | Path) -> dict:
-    return json.loads((Path(out_dir) / "summary.json").read_text())
 
 
 def write_demo_report(out: Path, summary: dict, sft_history: list[dict], reft_history: list[dict]) -> Path:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
+import weakref
 from pathlib import Path
 
 import torch
@@ -50,6 +52,7 @@ def quiet_transformers() -> None:
 
 
 def load_tokenizer(name_or_path: str | Path):
+    """The tokenizer, with a pad token when it has none (`assign_pad`); EOS is required."""
     from transformers import AutoTokenizer
 
     name_or_path = str(name_or_path)
@@ -58,13 +61,154 @@ def load_tokenizer(name_or_path: str | Path):
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load tokenizer from {name_or_path!r}: {e}") from None
-    if tok.pad_token_id is None:
-        # Many Hub LMs ship without a pad token; EOS is safe because every mask we build is explicit.
-        tok.pad_token = tok.eos_token
     if tok.eos_token_id is None:
         raise ModelLoadError(f"tokenizer of {name_or_path!r} has no EOS token; the CoT format needs one")
+    if tok.pad_token_id is None:
+        assign_pad(tok, _model_vocab_size(name_or_path), name_or_path)
     return tok
 
+
+# ---------------------------------------------------------------------------- token conventions
+# BOS, pad and stop tokens follow the tokenizer's and the model's own conventions (docs/models.md).
+
+_ASSIGNED_PAD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+"""Tokenizers whose pad token reftune chose (saved without it: see `save_tokenizer`)."""
+_PROMPT_PREFIX: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_NOTED_PAD: set[str] = set()
+
+
+def _model_vocab_size(name_or_path: str) -> int | None:
+    try:
+        from transformers import AutoConfig
+
+        return getattr(AutoConfig.from_pretrained(name_or_path).get_text_config(), "vocab_size", None)
+    except Exception:  # noqa: BLE001  (only narrows the pad candidates)
+        return None
+
+
+PAD_NAMES = ("pad", "padding", "pad_token", "finetune_right_pad_id")
+"""Added tokens that are pads by name (brackets and bars aside): `<pad>`, `[PAD]`, `<|padding|>`, ..."""
+
+
+def pad_candidates(tok) -> list[int]:
+    """Ids of tokens that can pad without changing what the tokenizer encodes: special or added
+    tokens already in its vocabulary that are neither EOS nor BOS: the unknown token (Llama-2's and
+    Mistral's convention), then added tokens named as a pad (`PAD_NAMES`: `<|padding|>`, `<pad>`,
+    Llama-3.1's `<|finetune_right_pad_id|>`), then reserved or unused special tokens (Llama-3's
+    `<|reserved_special_token_0|>`, Gemma's `<unused0>`)."""
+    taken = {tok.eos_token_id, tok.bos_token_id}
+    added = [(i, str(t).strip("<>|[] ").lower()) for i, t in sorted(getattr(tok, "added_tokens_decoder", {}).items())]
+    # By exact name: a multimodal tokenizer's `<|image_pad|>` marks where image features go.
+    padlike = [i for i, name in added if name in PAD_NAMES]
+    reserved = [i for i, name in added if name.startswith(("reserved", "unused"))]
+    unk = [tok.unk_token_id] if tok.unk_token_id is not None else []
+    return [i for i in dict.fromkeys(unk + padlike + reserved) if i not in taken]
+
+
+def assign_pad(tok, vocab_size: int | None = None, name: str = "the model") -> None:
+    """Give a tokenizer without a pad token one for batching (padding positions are always masked,
+    so the token only has to exist): the first of `pad_candidates` inside the model's embedding
+    table, else EOS (GPT-2's tokenizer has no other special token), said in a note. The tokenizer
+    is otherwise unchanged, and checkpoints save it without the pad (`save_tokenizer`)."""
+    fits = [i for i in pad_candidates(tok) if vocab_size is None or i < vocab_size]
+    _ASSIGNED_PAD[tok] = True
+    if fits:
+        tok.pad_token = tok.convert_ids_to_tokens(fits[0])
+        return
+    tok.pad_token = tok.eos_token
+    if not _NOTED_PAD:  # once per process: every checkpoint of a run has the same tokenizer
+        _NOTED_PAD.add(name)
+        # reftune.runs.note's format (runs is a sibling layer, not importable from here)
+        print(f"reftune: note: the tokenizer of {name} has no pad token and no other special token to pad with: "
+              f"padding uses its EOS token {tok.eos_token!r} (every mask is explicit, so this is safe; checkpoints "
+              f"keep the tokenizer without a pad)", file=sys.stderr, flush=True)
+
+
+def save_tokenizer(tok, out_dir: Path) -> None:
+    """`save_pretrained`, as the tokenizer was loaded: a pad token reftune assigned stays out."""
+    if tok not in _ASSIGNED_PAD:
+        tok.save_pretrained(out_dir)
+        return
+    pad = tok.pad_token
+    tok.pad_token = None
+    try:
+        tok.save_pretrained(out_dir)
+    finally:
+        tok.pad_token = pad
+
+
+def prompt_prefix(tok) -> list[int]:
+    """The special tokens the tokenizer itself puts before a text (its BOS for Llama, Mistral, Gemma,
+    OPT; nothing for GPT-2, Qwen2, GPT-NeoX, Phi-3): what `tok(text)` adds in front of
+    `tok(text, add_special_tokens=False)`. Read from the tokenizer's behaviour, so the
+    `add_bos_token` setting and a tokenizer.json post-processor count alike."""
+    if tok in _PROMPT_PREFIX:
+        return _PROMPT_PREFIX[tok]
+    plain = tok("1", add_special_tokens=False)["input_ids"]
+    full = tok("1")["input_ids"]
+    special = set(tok.all_special_ids)
+    starts = [i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain]
+    prefix = full[:starts[0]] if starts else []
+    prefix = prefix if all(i in special for i in prefix) else []
+    _PROMPT_PREFIX[tok] = prefix
+    return prefix
+
+
+def encode_prompt(tok, text: str) -> list[int]:
+    """A prompt's token ids as every stage feeds them to the model: the text's tokens after the
+    tokenizer's own prefix (`prompt_prefix`), unless the text already begins with it (a chat
+    template that writes the BOS itself). Nothing is appended: the response follows."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    prefix = prompt_prefix(tok)
+    return ids if ids[:len(prefix)] == prefix else prefix + ids
+
+
+def stop_token_ids(model, tok) -> list[int]:
+    """Tokens that end a response: the tokenizer's EOS, then every EOS id of the model's
+    `generation_config` (instruct models list their end-of-turn tokens there, e.g. Llama-3's
+    `<|eot_id|>`, Gemma-3's `<end_of_turn>`)."""
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    extra = [extra] if isinstance(extra, int) else list(extra or [])
+    return list(dict.fromkeys([tok.eos_token_id] + [int(i) for i in extra]))
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def context_from_config(values: dict) -> int | None:
+    """The context length a config (as a dict) declares, at the top level or in its `text_config`
+    (Gemma-3's multimodal layout); None when it does not say."""
+    for source in (values, values.get("text_config") or {}):
+        for key in CONTEXT_KEYS:
+            if isinstance(source.get(key), int) and source[key] > 0:
+                return source[key]
+    return None
+
+
+def model_context(model) -> int | None:
+    """The context length of a loaded model (through a peft wrapper), as `context_from_config`."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in CONTEXT_KEYS:
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return context_from_config(config.to_dict()) if hasattr(config, "to_dict") else None
+
+
+def has_learned_positions(model) -> bool:
+    """Position embeddings looked up in a table (GPT-2, OPT): a position past the context has no
+    row, so a longer sequence is an index error, not just a weaker model. Found as an embedding
+    table in the decoder, besides the token embeddings, with about one row per position."""
+    context = model_context(model)
+    lm = model.get_base_model() if is_peft(model) else model
+    if not context or not hasattr(lm, "get_decoder"):
+        return False
+    tokens = lm.get_input_embeddings()
+    return any(isinstance(m, torch.nn.Embedding) and m is not tokens and context <= m.num_embeddings <= context + 2
+               for m in lm.get_decoder().modules())
 
 """Ways to load a frozen base quantized by bitsandbytes (QLoRA): no, 4-bit NormalFloat / float, 8-bit."""
 
@@ -137,6 +281,17 @@ def _check_4bit_layers(model):
     return model
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant checkpoints).
+    transformers 5 renamed `gradient_checkpointing_enable` to `activation_checkpointing_enable` and
+    drops the old name in v6; releases before the rename have only the old one."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def is_quantized(model) -> bool:
     """Weights loaded through bitsandbytes (a QLoRA base)."""
     return getattr(model, "hf_quantizer", None) is not None
@@ -175,8 +330,9 @@ def autocast(enabled: bool, device: torch.device):
     """Mixed precision for one forward pass: matmuls in bf16, weights, gradients, optimizer state and
     losses in the model's dtype (fp32 master weights). A no-op context when not enabled.
 
-    Measured on 2 cores with AVX512-BF16, the demo's tiny model: a PPO iteration's forwards and
-    backward 1.3-1.5x faster than fp32 at 1 thread, 1.2x at 2 (bench/bench_mixed_precision.py).
+    Measured on a 2-core AMD EPYC with avx512_bf16, the demo's tiny model: a PPO iteration's forwards
+    and backward 1.34x faster than fp32 at 1 thread, 1.19x at 2 (bench/bench_mixed_precision.py,
+    commit 16b8002; docs/performance.md).
     """
     if not enabled:
         return contextlib.nullcontext()
@@ -197,7 +353,7 @@ def save_hf(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> 
         tied = getattr(model, "_tied_weights_keys", None) or []
         state_dict = {k: v for k, v in state_dict.items() if k not in tied}
     model.save_pretrained(out_dir, **({"state_dict": state_dict} if state_dict is not None else {}))
-    tokenizer.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
 
 
 def _save_dequantized(model, tokenizer, out_dir: Path, state_dict: dict) -> None:

@@ -13,9 +13,11 @@ stays here). No torch here: configs load before any model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from reftune.config import ConfigError
 from reftune.validate import MIXED_PRECISION, Checks
 
 EVAL_SPLITS = ("validation", "test")
@@ -61,14 +63,29 @@ class TrainRuntime(Runtime):
     """With several processes (torchrun / accelerate launch): ddp (replicated weights) | fsdp2 (sharded)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward instead of keeping them (less memory, ~30% more compute)."""
-    tensorboard: bool = True
-    """Also write TensorBoard events."""
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
         c = Checks(self, prefix)
-        c.choice("mixed_precision", MIXED_PRECISION).choice("parallel", PARALLEL_MODES)
-        c.bool("gradient_checkpointing", "tensorboard")
+        c.choice("mixed_precision", MIXED_PRECISION).choice("parallel", PARALLEL_MODES).bool("gradient_checkpointing")
+
+
+@dataclass
+class Tracking(Section):
+    """Where a training run's metrics, config and sampled CoTs go besides metrics.jsonl (reftune.trackers)."""
+
+    report_to: list[str] | str = field(default_factory=lambda: ["tensorboard"])
+    """Trackers besides metrics.jsonl (always written): tensorboard | wandb | trackio | mlflow | jsonl | none | all | package.module:Class (reftune.trackers)."""
+    log_samples_every: int = 0
+    """Steps between tables of sampled CoTs (prompt, completion, answers, reward) sent to the trackers and samples.jsonl (ReFT, Online-ST; 0: off)."""
+    tensorboard: bool = True
+    """Deprecated (use report_to): false removes tensorboard from report_to."""
+
+    def validate(self, prefix: str = "") -> None:
+        from reftune.trackers import check_report_to
+
+        super().validate(prefix)
+        check_report_to(self, prefix)
 
 
 @dataclass
@@ -194,3 +211,61 @@ class Evaluation(Section):
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
         Checks(self, prefix).choice("eval_split", EVAL_SPLITS + ("none",)).int("eval_max_new_tokens", 1)
+
+
+@dataclass
+class Rewards(Section):
+    """What a sampled CoT scores: ReFT's correctness score and reward functions of your own (TRL's
+    convention, reftune/rewards/functions.py), summed with weights."""
+
+    reward_funcs: list[str] = field(default_factory=lambda: ["correctness"])
+    """Reward functions summed into the reward: built-ins (correctness: ReFT's score; answered) or package.module:function / file.py:function, TRL's signature."""
+    reward_weights: list[float] = field(default_factory=list)
+    """One weight per reward function, in order (empty: 1 each)."""
+    score_correct: float = 1.0
+    """Reward of a correct answer."""
+    score_wrong: float = 0.1
+    """Reward of an extracted but wrong answer."""
+    score_none: float = 0.0
+    """Reward when no answer could be extracted."""
+    reward_model: str = ""
+    """A sequence-classification reward model (e.g. `reftune reward-model`'s checkpoint): its P(correct) of each CoT is one more reward."""
+    reward_model_weight: float = 1.0
+    """Weight of the reward model's score."""
+
+    @property
+    def reward(self):
+        """ReFT's correctness score settings (a `RewardSpec`)."""
+        from reftune.rewards.score import RewardSpec
+
+        return RewardSpec(self.score_correct, self.score_wrong, self.score_none)
+
+    def reward_sources(self) -> list:
+        """The configured reward functions, loaded (`reftune.rewards.functions.RewardSource`)."""
+        from reftune.rewards.functions import build_sources
+
+        return build_sources(self.reward_funcs, self.reward_weights, self.reward)
+
+    def validate(self, prefix: str = "") -> None:
+        super().validate(prefix)
+        c = Checks(self, prefix)
+        c.float("score_correct").float("score_wrong").float("score_none").float("reward_model_weight")
+        c.str("reward_model")
+        if not isinstance(self.reward_funcs, list) or not all(isinstance(n, str) and n for n in self.reward_funcs):
+            c.fail("reward_funcs", "must be a list of names: built-ins (correctness, answered) or package.module:function")
+        if not self.reward_funcs and not self.reward_model:
+            c.fail("reward_funcs", "is empty and there is no reward_model: nothing would score the samples "
+                                   "(the default is [correctness], ReFT's score)")
+        weights = self.reward_weights
+        if not isinstance(weights, list) or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                                    and math.isfinite(w) for w in weights):
+            c.fail("reward_weights", "must be a list of finite numbers, one per reward function")
+        if weights and len(weights) != len(self.reward_funcs):
+            c.fail("reward_weights", f"has {len(weights)} weight(s) for {len(self.reward_funcs)} reward function(s) "
+                                     f"{self.reward_funcs}: give one per function, or none (1 each)")
+        from reftune.rewards.functions import RewardFunctionError
+
+        try:
+            self.reward_sources()  # imports the user's modules now, before any model is loaded
+        except RewardFunctionError as e:
+            raise ConfigError(f"{prefix}reward_funcs={self.reward_funcs!r}: {e}") from None

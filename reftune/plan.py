@@ -329,126 +329,29 @@ def plan_run(cfg, world_size: int, gpu_memory_gib: float | None = None, model_sp
         raise PlanError(f"world_size must be at least 1, got {world_size}")
     kind = _kind(cfg)
     gpu = gpu or {80: "A100-80GB", 141: "H200", 24: "L4"}.get(int(gpu_memory_gib or 0))
-    if kind in ("offline_st", "compare"):  # their training parts: the SFT from the base model / the reward model
-        inner = copy.copy(cfg.sft if kind == "offline_st" else cfg.rm)  # a copy keeps `pending` attributes
-        if kind == "offline_st":
-            inner.model, inner.data = cfg.base_model, cfg.data
-        else:
-            inner.model = cfg.rm.model or cfg.sft or cfg.warmup  # what compare initialises it from
-        if kind == "compare" and world_size > 1:  # (`reftune reward-model` trains it on several)
-            world_size = 1
-        plan = plan_run(inner, world_size, gpu_memory_gib, model_spec, strategy=strategy, gpu=gpu, assumptions=assumptions)
-        if kind == "compare" and plan.world_size == 1:
-            plan.notes.append("compare runs in one process (its reward model too): planned on one device; "
-                              "`reftune reward-model` trains the reward model on several")
-        plan.kind = kind
-        _sampling_time(plan, cfg, kind, resolve_model_spec(inner.model, model_spec), gpu, assumptions)
-        return plan
-
+    if kind in ("offline_st", "compare"):
+        return _plan_composite(cfg, kind, world_size, gpu_memory_gib, model_spec, strategy, gpu, assumptions)
     spec = resolve_model_spec(cfg.model, model_spec)
     strategy = strategy or getattr(cfg, "parallel", "ddp")
     if strategy not in STRATEGIES:
         raise PlanError(f"strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
     W, notes = world_size, []
-    st = STRATEGIES[strategy if W > 1 else "ddp"]
-    w = 4 if getattr(cfg, "dtype", "auto") in ("float32", "fp32") else 2
-    a = 2 if w == 2 or getattr(cfg, "mixed_precision", "no") in ("bf16", "auto") else 4
-    lora_r = getattr(cfg, "lora_r", 0) or 0
-    quantize = getattr(cfg, "lora_quantize", "no") if lora_r else "no"
-    checkpointing = bool(getattr(cfg, "gradient_checkpointing", False))
-    chunk = getattr(cfg, "logprob_chunk_size", 0) or 0
-    engine = getattr(cfg, "engine", "auto")
-    engine = "cached" if engine in ("auto", "static") else engine  # (auto on a GPU; static's cache is cached's size)
-    N = spec.params
-    N_t, g = N, w
-    if lora_r:
-        targets = list(getattr(cfg, "lora_target_modules", None) or ["q_proj", "v_proj"])  # PEFT's default
-        unknown = sorted(set(targets) - set(spec.module_shapes()))
-        if unknown:
-            raise PlanError(f"lora_target_modules {unknown}: not linear modules of {spec.name} "
-                            f"({', '.join(spec.module_shapes())})")
-        N_t, g = spec.layers * sum(lora_r * sum(spec.module_shapes()[t]) for t in targets), 4
+    num = _numerics(cfg, spec)
     prompt = (getattr(cfg.data, "max_prompt_tokens", 0) if hasattr(cfg, "data") else 0) or PROMPT_CAP
-
-    # Batches per device and sequence lengths.
-    score_rows = gen_rows = 0
-    if kind in ("reft", "online_st"):
-        for key in ("questions_per_step", "mini_batch_size"):  # each rank takes an equal share of both
-            if getattr(cfg, key) % W:
-                raise PlanError(f"{key}={getattr(cfg, key)} does not split over {W} devices; use a multiple of {W}")
-        rows = cfg.questions_per_step * cfg.samples_per_prompt
-        mb = cfg.mini_batch_size // W
-        if rows % cfg.mini_batch_size:
-            notes.append(f"{rows} rollout rows are not a multiple of mini_batch_size {cfg.mini_batch_size}: "
-                         f"each epoch ends with a smaller mini-batch")
-        S = S_gen = prompt + cfg.max_new_tokens
-        R = cfg.max_new_tokens
-        if kind == "online_st":
-            S = min(S, cfg.max_length)
-        epochs = cfg.ppo_epochs if kind == "reft" else cfg.update_epochs
-        micro = getattr(cfg, "micro_batch_size", 0) or mb  # ReFT's gradient accumulation
-        if mb % micro:
-            raise PlanError(f"micro_batch_size={micro} does not divide the {mb} rows per device of a mini-batch")
-        b_train = micro if kind == "reft" else 2 * mb  # Online-ST: each update holds own samples AND gold CoTs
-        gen_rows = min(cfg.gen_batch_size, rows // W)
-        score_rows = rows // W if kind == "reft" else 0
-        per_device = {"rollout_rows": rows // W, "mini_batch": mb, "gen_batch": gen_rows}
-        if micro != mb:
-            per_device["micro_batch"] = micro
-        grad_accum, global_batch = mb // micro, cfg.mini_batch_size
-        opt_steps = math.ceil(rows / cfg.mini_batch_size) * epochs
-    else:  # sft: each micro-batch of batch_size rows is split over the ranks (sft.share_rows)
-        grad_accum = getattr(cfg, "grad_accum", 1)  # the reward model: no accumulation
-        b_train, S, R = math.ceil(cfg.batch_size / W), cfg.max_length, cfg.max_length
-        S_gen = prompt + getattr(cfg, "eval_max_new_tokens", 0)
-        if cfg.batch_size % W:
-            notes.append(f"batch_size={cfg.batch_size} does not split evenly over {W} devices: some ranks run "
-                         f"fewer rows (or a zero-weight stand-in)")
-        global_batch = cfg.batch_size * grad_accum
-        opt_steps = math.ceil(_train_rows(cfg, kind, assumptions) / global_batch)
-        per_device = {"micro_batch": b_train}
-        if kind == "sft" and cfg.eval_split != "none":
-            gen_rows = per_device["gen_batch"] = cfg.gen_batch_size
-
-    # Memory per device (bytes).
-    mem = {
-        "weights": (N * w / (W if st.shards_params else 1) if quantize == "no" else _quantized_weights(spec, quantize))
-                   + (4 * N_t if lora_r else 0),
-        "grads": N_t * g / (W if st.shards_grads else 1),
-        "optimizer": 2 * N_t * g / (W if st.shards_optimizer else 1),
-        "ddp_buckets": N_t * g if strategy == "ddp" and W > 1 else 0,
-        "value_head": 4 * (spec.hidden + 1) * w if kind == "reft" and getattr(cfg, "advantage", "gae") == "gae" else 0,
-        "reference": N * w if kind == "reft" and not lora_r else 0,
-        "replica": N * w if strategy == "fsdp2" and W > 1 and kind != "reward_model" else 0,  # (no rollouts)
-        "gathered": 2 * spec.layer_params * w if st.shards_params and W > 1 else 0,
-        "engine": 0,
-    }
-    kv = gen_rows * S_gen * spec.layers * 2 * spec.kv_dim * w
-    if engine == "vllm":
-        own = 2 * N + kv  # vLLM's own bf16 copy and its KV cache live in its share of the GPU
-        mem["engine"] = VLLM_GPU_MEMORY_UTILIZATION * gpu_memory_gib * GIB if gpu_memory_gib else own
-        if mem["engine"] < own:
-            raise PlanError(f"vLLM's share ({VLLM_GPU_MEMORY_UTILIZATION:g} x {gpu_memory_gib:g} GiB) cannot hold its "
-                            f"weights and KV cache ({own / GIB:.1f} GiB): raise REFTUNE_VLLM_GPU_MEMORY_UTILIZATION")
-        kv = 0
-    mem["activations"] = _activations(spec, b_train, S, a, checkpointing)
-    mem["logits"] = {"reft": _logits(spec, b_train, S, R, a, chunk, "train"), "reward_model": 0}.get(
-        kind, _logits(spec, b_train, S, R, a, 0, "ce"))  # a sequence classifier has no (b, S, V) logits
-    # (the cross-entropy updates, SFT's and Online-ST's, never chunk: only log-prob passes do)
-    mem["scoring"] = (_logits(spec, score_rows, S, R, a, chunk, "score")
-                      + _activations(spec, score_rows, S, a, False) // spec.layers)
-    mem["kv_cache"] = kv
-    phases = {"train": mem["activations"] + mem["logits"], "scoring": mem["scoring"], "generation": kv}
+    batches = _online_batches if kind in ("reft", "online_st") else _supervised_batches
+    b = batches(cfg, kind, W, prompt, notes, assumptions)
+    mem, phases = _memory(cfg, kind, spec, strategy, W, num, b, gpu_memory_gib)
     peak = max(phases, key=phases.get)
     static = sum(v for k, v in mem.items() if k not in TRANSIENT)
     total = (static + phases[peak]) * (1 + FRAGMENTATION) / GIB + CUDA_CONTEXT_GIB
-    if w == 2 and not lora_r and getattr(cfg, "lr", 1.0) < 1e-5:
+    if num.w == 2 and not num.lora_r and getattr(cfg, "lr", 1.0) < 1e-5:
         notes.append(f"bf16 weights with lr {cfg.lr:g}: most AdamW updates that small round away in bf16 "
                      f"(the release keeps fp32 master weights): consider dtype=float32 mixed_precision=bf16")
-    plan = RunPlan(kind, spec.name, W, strategy, per_device, grad_accum, global_batch, opt_steps, global_batch * S,
-                   S, N_t, N, {k: v / GIB for k, v in mem.items()}, round(total, 2), gpu_memory_gib, peak, notes=notes)
+    plan = RunPlan(kind, spec.name, W, strategy, b.per_device, b.grad_accum, b.global_batch, b.optimizer_steps,
+                   b.global_batch * b.S, b.S, num.trainable, spec.params, {k: v / GIB for k, v in mem.items()},
+                   round(total, 2), gpu_memory_gib, peak, notes=notes)
     if gpu in GPUS:
-        _train_time(plan, cfg, kind, spec, GPUS[gpu], engine, checkpointing, assumptions)
+        _train_time(plan, cfg, kind, spec, GPUS[gpu], num.engine, num.checkpointing, assumptions)
     if not plan.fits:
         top = sorted(((v, k) for k, v in plan.memory_gib.items()), reverse=True)[:3]
         raise PlanError(f"{kind} of {spec.name} needs about {plan.total_gib:.1f} GiB per device, more than "
@@ -456,6 +359,154 @@ def plan_run(cfg, world_size: int, gpu_memory_gib: float | None = None, model_sp
                         f"(parallel=fsdp2) over more devices, or use LoRA, smaller batches, gradient checkpointing "
                         f"or logprob chunking")
     return plan
+
+
+def _plan_composite(cfg, kind: str, world_size: int, gpu_memory_gib: float | None, model_spec, strategy: str | None,
+                    gpu: str | None, assumptions: Assumptions) -> RunPlan:
+    """Offline-ST and compare: the plan of their training part (the SFT from the base model, the
+    reward model), plus the sampling before it."""
+    inner = copy.copy(cfg.sft if kind == "offline_st" else cfg.rm)  # a copy keeps `pending` attributes
+    if kind == "offline_st":
+        inner.model, inner.data = cfg.base_model, cfg.data
+    else:
+        inner.model = cfg.rm.model or cfg.sft or cfg.warmup  # what compare initialises it from
+    if kind == "compare" and world_size > 1:  # (`reftune reward-model` trains it on several)
+        world_size = 1
+    plan = plan_run(inner, world_size, gpu_memory_gib, model_spec, strategy=strategy, gpu=gpu, assumptions=assumptions)
+    if kind == "compare" and plan.world_size == 1:
+        plan.notes.append("compare runs in one process (its reward model too): planned on one device; "
+                          "`reftune reward-model` trains the reward model on several")
+    plan.kind = kind
+    _sampling_time(plan, cfg, kind, resolve_model_spec(inner.model, model_spec), gpu, assumptions)
+    return plan
+
+
+@dataclass(frozen=True)
+class _Numerics:
+    """What a config's precision, LoRA and memory savers mean for the formulas."""
+
+    w: int  # bytes per weight
+    a: int  # bytes per activation
+    lora_r: int
+    quantize: str  # no | nf4 | fp4 | int8 (QLoRA's base)
+    checkpointing: bool
+    chunk: int  # logprob_chunk_size
+    engine: str  # the engine whose memory is planned: cached (auto, static), hf or vllm
+    trainable: int  # N_t
+    g: int  # bytes per gradient and per optimizer value
+
+
+def _numerics(cfg, spec: ModelSpec) -> _Numerics:
+    w = 4 if getattr(cfg, "dtype", "auto") in ("float32", "fp32") else 2
+    a = 2 if w == 2 or getattr(cfg, "mixed_precision", "no") in ("bf16", "auto") else 4
+    lora_r = getattr(cfg, "lora_r", 0) or 0
+    quantize = getattr(cfg, "lora_quantize", "no") if lora_r else "no"
+    engine = getattr(cfg, "engine", "auto")
+    engine = "cached" if engine in ("auto", "static") else engine  # (auto on a GPU; static's cache is cached's size)
+    trainable, g = spec.params, w
+    if lora_r:
+        targets = list(getattr(cfg, "lora_target_modules", None) or ["q_proj", "v_proj"])  # PEFT's default
+        unknown = sorted(set(targets) - set(spec.module_shapes()))
+        if unknown:
+            raise PlanError(f"lora_target_modules {unknown}: not linear modules of {spec.name} "
+                            f"({', '.join(spec.module_shapes())})")
+        trainable, g = spec.layers * sum(lora_r * sum(spec.module_shapes()[t]) for t in targets), 4
+    return _Numerics(w, a, lora_r, quantize, bool(getattr(cfg, "gradient_checkpointing", False)),
+                     getattr(cfg, "logprob_chunk_size", 0) or 0, engine, trainable, g)
+
+
+@dataclass
+class _Batches:
+    """Rows and sequence lengths per device."""
+
+    per_device: dict
+    grad_accum: int
+    global_batch: int
+    optimizer_steps: int
+    b_train: int  # rows of one training forward
+    S: int  # tokens of a training sequence
+    R: int  # response tokens of one
+    S_gen: int  # tokens of a generated sequence
+    gen_rows: int = 0  # sequences decoded at once
+    score_rows: int = 0  # rows of ReFT's no-grad scoring pass
+
+
+def _online_batches(cfg, kind: str, W: int, prompt: int, notes: list, A: Assumptions) -> _Batches:
+    """ReFT and Online-ST: each device takes an equal share of the questions and of each mini-batch."""
+    for key in ("questions_per_step", "mini_batch_size"):
+        if getattr(cfg, key) % W:
+            raise PlanError(f"{key}={getattr(cfg, key)} does not split over {W} devices; use a multiple of {W}")
+    rows = cfg.questions_per_step * cfg.samples_per_prompt
+    mb = cfg.mini_batch_size // W
+    if rows % cfg.mini_batch_size:
+        notes.append(f"{rows} rollout rows are not a multiple of mini_batch_size {cfg.mini_batch_size}: "
+                     f"each epoch ends with a smaller mini-batch")
+    S = S_gen = prompt + cfg.max_new_tokens
+    if kind == "online_st":
+        S = min(S, cfg.max_length)
+    epochs = cfg.ppo_epochs if kind == "reft" else cfg.update_epochs
+    micro = getattr(cfg, "micro_batch_size", 0) or mb  # ReFT's gradient accumulation
+    if mb % micro:
+        raise PlanError(f"micro_batch_size={micro} does not divide the {mb} rows per device of a mini-batch")
+    b_train = micro if kind == "reft" else 2 * mb  # Online-ST: each update holds own samples AND gold CoTs
+    gen_rows = min(cfg.gen_batch_size, rows // W)
+    per_device = {"rollout_rows": rows // W, "mini_batch": mb, "gen_batch": gen_rows}
+    if micro != mb:
+        per_device["micro_batch"] = micro
+    return _Batches(per_device, mb // micro, cfg.mini_batch_size, math.ceil(rows / cfg.mini_batch_size) * epochs,
+                    b_train, S, cfg.max_new_tokens, S_gen, gen_rows, rows // W if kind == "reft" else 0)
+
+
+def _supervised_batches(cfg, kind: str, W: int, prompt: int, notes: list, A: Assumptions) -> _Batches:
+    """SFT and the reward model: each micro-batch of batch_size rows is split over the devices
+    (loop.TrainingRun.share)."""
+    grad_accum = getattr(cfg, "grad_accum", 1)  # the reward model: no accumulation
+    b_train = math.ceil(cfg.batch_size / W)
+    if cfg.batch_size % W:
+        notes.append(f"batch_size={cfg.batch_size} does not split evenly over {W} devices: some ranks run "
+                     f"fewer rows (or a zero-weight stand-in)")
+    global_batch = cfg.batch_size * grad_accum
+    b = _Batches({"micro_batch": b_train}, grad_accum, global_batch, math.ceil(_train_rows(cfg, kind, A) / global_batch),
+                 b_train, cfg.max_length, cfg.max_length, prompt + getattr(cfg, "eval_max_new_tokens", 0))
+    if kind == "sft" and cfg.eval_split != "none":
+        b.gen_rows = b.per_device["gen_batch"] = cfg.gen_batch_size
+    return b
+
+
+def _memory(cfg, kind: str, spec: ModelSpec, strategy: str, W: int, num: _Numerics, b: _Batches,
+            gpu_memory_gib: float | None) -> tuple[dict, dict]:
+    """(bytes per device of each part, transient bytes of each phase): see the module doc."""
+    st = STRATEGIES[strategy if W > 1 else "ddp"]
+    N, N_t, w, g = spec.params, num.trainable, num.w, num.g
+    mem = {
+        "weights": (N * w / (W if st.shards_params else 1) if num.quantize == "no"
+                    else _quantized_weights(spec, num.quantize)) + (4 * N_t if num.lora_r else 0),
+        "grads": N_t * g / (W if st.shards_grads else 1),
+        "optimizer": 2 * N_t * g / (W if st.shards_optimizer else 1),
+        "ddp_buckets": N_t * g if strategy == "ddp" and W > 1 else 0,
+        "value_head": 4 * (spec.hidden + 1) * w if kind == "reft" and getattr(cfg, "advantage", "gae") == "gae" else 0,
+        "reference": N * w if kind == "reft" and not num.lora_r else 0,
+        "replica": N * w if strategy == "fsdp2" and W > 1 and kind != "reward_model" else 0,  # (no rollouts)
+        "gathered": 2 * spec.layer_params * w if st.shards_params and W > 1 else 0,
+        "engine": 0,
+    }
+    kv = b.gen_rows * b.S_gen * spec.layers * 2 * spec.kv_dim * w
+    if num.engine == "vllm":
+        own = 2 * N + kv  # vLLM's own bf16 copy and its KV cache live in its share of the GPU
+        mem["engine"] = VLLM_GPU_MEMORY_UTILIZATION * gpu_memory_gib * GIB if gpu_memory_gib else own
+        if mem["engine"] < own:
+            raise PlanError(f"vLLM's share ({VLLM_GPU_MEMORY_UTILIZATION:g} x {gpu_memory_gib:g} GiB) cannot hold its "
+                            f"weights and KV cache ({own / GIB:.1f} GiB): raise REFTUNE_VLLM_GPU_MEMORY_UTILIZATION")
+        kv = 0
+    a, S, R = num.a, b.S, b.R
+    mem["activations"] = _activations(spec, b.b_train, S, a, num.checkpointing)
+    mem["logits"] = {"reft": _logits(spec, b.b_train, S, R, a, num.chunk, "train"), "reward_model": 0}.get(
+        kind, _logits(spec, b.b_train, S, R, a, 0, "ce"))  # a sequence classifier has no (b, S, V) logits
+    # (the cross-entropy updates, SFT's and Online-ST's, never chunk: only log-prob passes do)
+    mem["scoring"] = (_logits(spec, b.score_rows, S, R, a, num.chunk, "score")
+                      + _activations(spec, b.score_rows, S, a, False) // spec.layers)
+    mem["kv_cache"] = kv
+    return mem, {"train": mem["activations"] + mem["logits"], "scoring": mem["scoring"], "generation": kv}
 
 
 def _decode_s(spec: ModelSpec, gpu: GPU, rows: int, batch: int, engine: str, max_new: int, A: Assumptions) -> float:

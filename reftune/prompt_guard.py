@@ -6,7 +6,9 @@ Rule (`data.long_prompts`): `error` (the default) refuses the run and says how m
 which split are too long and which is the longest; `skip` leaves those questions out of the split,
 counts them in `task.stats["skipped_long_prompts"]` and says so on stderr. Prompts are measured as
 the model sees them when sampling (`task.prompt(ex, for_generation=True)`), without truncation:
-cutting a math question changes it.
+cutting a math question changes it. A prompt counts the tokenizer's BOS where it adds one
+(`reftune.models.encode_prompt`). How far an answer may run past a prompt is bounded by the
+engines (`reftune.engines.base.new_token_budget`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from reftune.models import context_from_config, encode_prompt
 from reftune.tasks import DataConfig, Task
-
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
 class PromptTooLong(ValueError):
@@ -36,15 +37,13 @@ def model_context(name_or_path: str) -> int | None:
             values = AutoConfig.from_pretrained(name_or_path).to_dict()
         except Exception:
             return None
-    for source in (values, values.get("text_config") or {}):
-        for key in CONTEXT_KEYS:
-            if isinstance(source.get(key), int) and source[key] > 0:
-                return source[key]
-    return None
+    return context_from_config(values)
 
 
 def guard_prompts(task: Task, tokenizer, context: int | None, data: DataConfig, splits: tuple[str, ...]) -> Task:
-    """`task`, or a copy without the too-long prompts of `splits` (see the module doc)."""
+    """`task` bound to `tokenizer` (`Task.with_tokenizer`: its chat template), without the too-long
+    prompts of `splits` (see the module doc)."""
+    task = task.with_tokenizer(tokenizer)
     cap = data.max_prompt_tokens or None
     limits = [x for x in (context, cap) if x]
     if not limits:
@@ -58,7 +57,7 @@ def guard_prompts(task: Task, tokenizer, context: int | None, data: DataConfig, 
         if not examples:
             continue
         prompts = [task.prompt(ex, for_generation=True) for ex in examples]
-        lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        lengths = [len(encode_prompt(tokenizer, p)) for p in prompts]  # as the engines feed them (BOS too)
         long = [i for i, n in enumerate(lengths) if n > limit]
         if not long:
             continue

@@ -1,8 +1,8 @@
 """Run folders on disk: claiming one (a lock), deciding what an earlier run left there, the metrics
-log (JSONL, plus TensorBoard when installed), atomic writes of files and checkpoint folders, and
+log (JSONL, plus the trackers of reftune.trackers), atomic writes of files and checkpoint folders, and
 the progress bar. No torch, no models.
 
-The rules every command follows (README "Mistakes and recovery"):
+The rules every command follows (docs/usage.md, "Mistakes and recovery"):
 - a folder is claimed with a lock file (`.reftune.lock`, a POSIX record lock: the kernel drops it
   when the process dies, so a lock left by a killed run is stale by construction and taken over);
   a second command on a folder that is in use is refused;
@@ -384,7 +384,7 @@ def prepare_training_folder(folder: RunFolder, *, resume: bool, overwrite: bool,
             f"{', ...' if len(held) > 3 else ''}): "
             + (f"continue it with `reftune {command} --resume {run_dir}`, " if resumable else "")
             + "choose another out_dir, or pass --overwrite to replace it")
-    stale = [n for n in ("metrics.jsonl", "tb") if (run_dir / n).exists()]
+    stale = [n for n in ("metrics.jsonl", "samples.jsonl", "tb", TRACKERS_FILE) if (run_dir / n).exists()]
     if stale:
         for n in stale:
             _remove(run_dir / n)
@@ -393,59 +393,141 @@ def prepare_training_folder(folder: RunFolder, *, resume: bool, overwrite: bool,
     return "fresh"
 
 
-def start_run(run_dir: str | Path, cfg, resume: bool = False) -> Path:
-    """Create the run folder and write the resolved config, refusing a folder with another run's
-    checkpoints (kept for callers that manage no lock; commands use `claim_run`)."""
-    run_dir = Path(run_dir)
-    held = held_outputs(run_dir) if run_dir.is_dir() else []
-    if held and not resume:
-        raise FileExistsError(f"{run_dir} already holds checkpoints ({', '.join(held[:3])}): choose another "
-                              f"out_dir, delete it, or resume it")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    return run_dir
-
-
 # ---------------------------------------------------------------------------- metrics log
 
-class RunLogger:
-    """Appends one JSON object per `log` call to `metrics.jsonl` and mirrors scalars to TensorBoard."""
+TRACKERS_FILE = "trackers.json"
+"""Per external tracker: its backend run (ids) and the last step sent to it, for resume."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True):
+
+class RunLogger:
+    """A run's metrics log. `metrics.jsonl` always (one JSON object per `log`; repaired when opened,
+    cut back on resume), `samples.jsonl` when tables of samples are logged, and the trackers
+    `report_to` names (reftune.trackers): each gets the resolved config, every step's metrics
+    and, every `samples_every` steps, a table of sampled CoTs.
+
+    Resume: JSONL files are cut back to the resumed step and TensorBoard purges later events. An
+    external tracker (W&B, Trackio, MLflow) continues the same backend run (ids kept in
+    `trackers.json`) and is not sent the steps the interrupted attempt already sent it, so it
+    holds each step once. A tracker that fails after it started is noted once and dropped for the
+    rest of the run: metrics.jsonl still has every record."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, *, report_to=None, config: dict | None = None,
+                 samples_every: int = 0):
+        from reftune.trackers import open_tracker, resolve_report_to
+
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.run_dir / "metrics.jsonl"
-        if self.path.exists():
-            read_jsonl(self.path, repair=True)  # a torn last line must not glue onto the next record
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        self.path, self.samples_path = self.run_dir / "metrics.jsonl", self.run_dir / "samples.jsonl"
+        for path in (self.path, self.samples_path):
+            if path.exists():
+                read_jsonl(path, repair=True)  # a torn last line must not glue onto the next record
+        self.samples_every = samples_every
+        names = resolve_report_to(["tensorboard"] if report_to is None else report_to, tensorboard)
+        self._state_path = self.run_dir / TRACKERS_FILE
+        self._saved = saved = self._read_state()
+        self.trackers, self._sent, self._resumed_to = {}, {}, {}
+        try:
+            for name in names:
+                tracker = self.trackers[name] = open_tracker(name, self.run_dir, saved.get(name))
+                last = saved.get(name, {}).get("last_step") if tracker.resumed else 0
+                self._sent[name] = self._resumed_to[name] = last if isinstance(last, int) else 0
+            for name in list(self.trackers) if config is not None else []:
+                self._send(name, "log_config", config)
+        except BaseException:
+            self.close()
+            raise
+        self._write_state()
 
-                self.tb = SummaryWriter(str(self.run_dir / "tb"))
-            except Exception:  # tensorboard missing or broken: JSONL still has everything
-                self.tb = None
+    @classmethod
+    def for_run(cls, run_dir: str | Path, cfg) -> RunLogger:
+        """The logger of a run configured by `cfg` (a RunConfig: report_to, log_samples_every, the
+        deprecated tensorboard); the trackers get `cfg` resolved, as config.yaml holds it."""
+        from reftune.config import to_dict
+
+        return cls(run_dir, getattr(cfg, "tensorboard", True), report_to=getattr(cfg, "report_to", None),
+                   config=to_dict(cfg), samples_every=getattr(cfg, "log_samples_every", 0))
+
+    def _read_state(self) -> dict:
+        try:
+            state = json.loads(self._state_path.read_text()) if self._state_path.exists() else {}
+        except (OSError, ValueError):
+            note(f"{self._state_path}: unreadable; trackers start new runs")
+            return {}
+        return {k: v for k, v in state.items() if isinstance(v, dict)} if isinstance(state, dict) else {}
+
+    def _write_state(self) -> None:
+        external = {n: {**t.state(), "last_step": self._sent[n]} for n, t in self.trackers.items() if t.state()}
+        if external:  # trackers not used now keep their entry: a later resume may name them again
+            atomic_write_text(self._state_path, json.dumps({**self._saved, **external}, indent=2) + "\n")
+
+    def _send(self, name: str, method: str, *args) -> None:
+        """Call one tracker; an error drops it (noted), the run goes on."""
+        try:
+            getattr(self.trackers[name], method)(*args)
+        except Exception as e:  # noqa: BLE001  (a tracker must not end a training run)
+            note(f"report_to={name}: {method} failed ({type(e).__name__}: {e}); it gets no more records from this "
+                 f"run (metrics.jsonl has them all)")
+            tracker = self.trackers.pop(name)
+            if method != "close":
+                try:
+                    tracker.close()
+                except Exception:  # noqa: BLE001  (already reported)
+                    pass
+
+    def _fan_out(self, step: int, method: str, *args) -> None:
+        """Send to every tracker that has not had `step` from an interrupted attempt already."""
+        for name in list(self.trackers):
+            if step > self._resumed_to[name]:
+                self._send(name, method, step, *args)
+                self._sent[name] = max(self._sent[name], step)
+        self._write_state()
 
     def log(self, step: int, metrics: dict) -> None:
         record = {"step": step, "time": round(time.time(), 3), **{k: _finite(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(k, v, step)
+        self._fan_out(step, "log", metrics)
+
+    def log_samples(self, step: int, rows: list[dict], name: str = "samples") -> None:
+        """A table of sampled CoTs at `step`: one line per row in samples.jsonl (with the step and
+        the table's name), and the table to every tracker."""
+        if not rows:
+            return
+        with self.samples_path.open("a") as f:
+            f.writelines(json.dumps({"step": step, "table": name, **{k: _finite(v) for k, v in row.items()}},
+                                    default=str) + "\n" for row in rows)
+        self._fan_out(step, "log_table", name, rows)
+
+    def log_rollout(self, step: int, scored, tokenizer) -> None:
+        """The online trainers' hook, called with each step's scored rollout: every
+        `samples_every` steps (0: never) its rows (reftune.trackers.rollout_rows) go to
+        `log_samples`."""
+        if self.samples_every and step % self.samples_every == 0:
+            from reftune.trackers import rollout_rows
+
+            self.log_samples(step, rollout_rows(scored, tokenizer))
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop records logged after the checkpoint we resume from (rewritten atomically,
-        so a kill here leaves the old file)."""
-        if not self.path.exists():
-            return
-        kept = [r for r in read_jsonl(self.path) if isinstance(r.get("step"), int) and r["step"] <= step]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        """On resume: drop JSONL records logged after the checkpoint we resume from (rewritten
+        atomically, so a kill here leaves the old file); TensorBoard purges its later events;
+        external trackers keep what they were sent and are not sent those steps again."""
+        for path in (self.path, self.samples_path):
+            if path.exists():
+                kept = [r for r in read_jsonl(path) if isinstance(r.get("step"), int) and r["step"] <= step]
+                atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+        for name in list(self.trackers):
+            self._send(name, "truncate_after", step)
+            last = self._resumed_to[name]
+            if last > step:
+                span = f"step {last} as the interrupted attempt sent it" if last == step + 1 else \
+                    f"steps {step + 1}-{last} as the interrupted attempt sent them"
+                note(f"report_to={name}: keeps {span}; the resumed run sends from step {last + 1} on "
+                     f"(metrics.jsonl holds the resumed numbers)")
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        for name in list(self.trackers):
+            self._send(name, "close")
+        self.trackers.clear()
 
 
 def progress(total: int, desc: str, disable: bool = False):

@@ -32,8 +32,8 @@ def configure_threads(threads: int = 0) -> dict:
     passive wait policy is in effect (the robust choice, measured below), else `free_cores()`
     (fewer threads than busy cores, because spinning workers are what collapses under load).
 
-    Why (bench/bench_threads.py, 2-core machine that also ran a demo and other jobs, load average
-    5-9; medians of 3 rounds, seconds for 32 rows x 32 decode tokens / one ReFT-like train step of
+    Why (bench/bench_threads.py at commit 7accd29, a 2-core AMD EPYC with AVX2 that also ran a demo
+    and other jobs, load average 5-9; medians of 3 rounds, seconds for 32 rows x 32 decode tokens / one ReFT-like train step of
     the demo's tiny model; "busy": beside one more process spinning on a core):
 
         setting                     decode alone  decode busy  train alone  train busy

@@ -54,17 +54,28 @@ def _heads_hint(hidden: int) -> int:
     return next((h for h in (8, 4, 2, 1) if hidden % h == 0 and (hidden // h) % 2 == 0), 1)
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer (no unknown tokens: any text round-trips), digits split."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+TINY_TOKENS = {"pad_token": "<|pad|>", "bos_token": "<|bos|>", "eos_token": "<|eos|>"}
+"""The tiny model's special tokens, by role (no BOS is added to texts)."""
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, tokens: dict[str, str] | None = None,
+                    added: tuple[str, ...] = (), add_bos: bool = False):
+    """A byte-level BPE tokenizer (no unknown tokens: any text round-trips), digits split.
+
+    `tokens`: special tokens by role (`pad_token`, `bos_token`, `eos_token`, `unk_token`; one token
+    may hold several roles, a role may be missing), default `TINY_TOKENS`; `added`: more special
+    tokens (an end-of-turn token, ...); `add_bos`: the tokenizer puts its BOS before every text, as
+    Llama's, Mistral's and Gemma's do. Tests build other families' conventions with these."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    tokens = dict(TINY_TOKENS if tokens is None else tokens)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
     tok.decoder = decoders.ByteLevel()
-    special = ["<|pad|>", "<|bos|>", "<|eos|>"]
+    special = list(dict.fromkeys(list(tokens.values()) + list(added)))
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=special,
@@ -72,10 +83,13 @@ def train_tokenizer(texts: list[str], vocab_size: int):
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>",
-        clean_up_tokenization_spaces=False,
-    )
+    if add_bos:
+        bos = tokens["bos_token"]
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+    more = [t for t in added if t not in tokens.values()]
+    return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **tokens,
+                                   **({"additional_special_tokens": more} if more else {}))
 
 
 def build_tiny_model(out_dir: str | Path, texts: list[str], cfg: TinyModelConfig | None = None) -> Path:

@@ -19,6 +19,10 @@ class Example:
     """Gold chain of thought in the task's style, without EOS; None for test sets without CoT."""
     options: dict[str, str] | None = None
     """Multiple choice only: option letter -> option text ("a" -> "38")."""
+    messages: tuple[dict, ...] | None = None
+    """Conversational rows: the turns before the answer ({role, content}); the chat prompt renders them."""
+    columns: dict | None = None
+    """The row's other fields (json/hf), given to reward functions as keyword columns."""
 
 
 @dataclass(frozen=True)

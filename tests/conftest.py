@@ -9,9 +9,14 @@ unless OMP_NUM_THREADS is already set.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The dataset presets' files (SVAMP, GSM8K, MathQA test sets) live in the shared data folder beside the
+# repository: the library's default data folder is $REFTUNE_DATA_DIR, else ./data.
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+os.environ["REFTUNE_DATA_DIR"] = str(SHARED_DATA)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

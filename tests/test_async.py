@@ -171,7 +171,7 @@ def test_rollouts_carry_the_log_probs_of_the_stale_policy(warmup_model, small_ta
     ref = load_causal_lm(warmup_model, torch.device("cpu"), torch.float32)
     questions = lambda s: step_questions(small_task.train, s, 4, 0)  # noqa: E731
     source = AsyncRolloutSource(spec_for(warmup_model), model=model, task=small_task, questions=questions,
-                                reward=RewardSpec(1.0, 0.1, 0.0), max_staleness=1, seed=0)
+                                rewards=RewardSpec(1.0, 0.1, 0.0), max_staleness=1, seed=0)
     try:
         thetas = []
         for step in range(3):
@@ -195,6 +195,7 @@ def test_rollouts_carry_the_log_probs_of_the_stale_policy(warmup_model, small_ta
     assert gone(pid)
 
 
+@pytest.mark.slow
 def test_lora_rollouts_sample_the_merged_weights(warmup_model, small_task):
     """With LoRA the rollout process samples base + adapter: its log-probs are the peft model's."""
     from reftune.trainers.lora import apply_lora
@@ -204,7 +205,7 @@ def test_lora_rollouts_sample_the_merged_weights(warmup_model, small_task):
     perturb(model, 0.2)  # adapter A and B both nonzero: the merged weights differ from the base
     questions = lambda s: step_questions(small_task.train, s, 4, 1)  # noqa: E731
     source = AsyncRolloutSource(spec_for(warmup_model, ref_path=None, engine="cached"), model=model, task=small_task,
-                                questions=questions, reward=RewardSpec(1.0, 0.1, 0.0), max_staleness=1, seed=1)
+                                questions=questions, rewards=RewardSpec(1.0, 0.1, 0.0), max_staleness=1, seed=1)
     try:
         got = source.next(0, questions(0))
     finally:
@@ -260,6 +261,7 @@ def test_one_step_off_trains(straight_run, warmup_model):
     assert state["rollouts_in_flight"][0][0]["policy_step"] == 3
 
 
+@pytest.mark.slow
 def test_one_step_off_is_the_same_whatever_the_timing(straight_run, warmup_model, parity_task, tmp_path):
     """A second run whose trainer dawdles at every step (the rollout process gets far ahead)
     trains the same weights: what a step trains on is a function of (seed, step, rank)."""
@@ -312,6 +314,7 @@ class FailingTask(ParityTask):
         return super().grade(completions, examples)
 
 
+@pytest.mark.slow
 def test_an_error_in_the_trainer_stops_the_rollout_process(warmup_model, small_task, tmp_path):
     pids = []
     with pytest.raises(ZeroDivisionError):
@@ -320,6 +323,7 @@ def test_an_error_in_the_trainer_stops_the_rollout_process(warmup_model, small_t
     assert pids and all(gone(p, timeout=0.5) for p in pids)
 
 
+@pytest.mark.slow
 def test_a_dead_rollout_process_is_an_error_not_a_hang(warmup_model, parity_task, tmp_path):
     def kill_it(step):
         if step == 1:
@@ -332,6 +336,7 @@ def test_a_dead_rollout_process_is_an_error_not_a_hang(warmup_model, parity_task
     assert rollout_processes(os.getpid()) == []
 
 
+@pytest.mark.slow
 def test_lora_one_step_off_trains_the_adapter(warmup_model, parity_task, tmp_path):
     result = run_reft(reft_config(warmup_model, tmp_path / "run", lora_r=4, lr=1e-3, score_none=0.5, eval_every=0),
                       task=parity_task)
@@ -377,6 +382,7 @@ def start(argv: list[str]) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_killed_one_step_off_run_resumes_exactly_and_takes_its_process_along(warmup_model, tmp_path):
     """The reference runs as a CLI process (its stderr: no leaked-semaphore warning); then runs
     SIGKILLed at seeded random instants once their rollout process is up: the rollout process
@@ -423,6 +429,7 @@ def torchrun(args: list[str], env_extra: dict | None = None) -> subprocess.Compl
                           timeout=900, start_new_session=True)
 
 
+@pytest.mark.slow
 def test_two_processes_one_step_off_killed_mid_step_resume_exactly(warmup_model, tmp_path):
     """DDP over 2 processes (gloo), each with its own rollout process and generator. Run B is
     SIGKILLed (every process, rollout processes included) while rank 0's rollout process samples
@@ -447,6 +454,7 @@ def test_two_processes_one_step_off_killed_mid_step_resume_exactly(warmup_model,
     assert len(state["rollouts_in_flight"]) == 2 and not torch.equal(r0, r1)  # each rank its own questions
 
 
+@pytest.mark.slow
 def test_fsdp2_one_step_off_samples_the_trained_weights(warmup_model, tmp_path):
     """Under fsdp2 the weights pushed are the unsharded replica's, refreshed after every update:
     step 1 is on-policy (the rollout process's log-probs match the trainer's pass to rounding),
@@ -475,6 +483,7 @@ run_reft(ReFTConfig(model={model!r}, data=small_data(), out_dir={out!r}, steps=1
 """
 
 
+@pytest.mark.slow
 def test_a_script_without_a_main_guard_runs_once(warmup_model, tmp_path):
     """Spawning the rollout process does not import the trainer's script again (multiprocessing's
     spawn would, running an unguarded script's top level a second time)."""

@@ -111,6 +111,7 @@ def test_subprocess_exit_code_and_stderr(tmp_path):
 
 # ------------------------------------------------------------------------------- commands
 
+@pytest.mark.slow
 def test_demo_quick(capsys, tmp_path):
     out_dir = tmp_path / "demo"
     start = time.time()
@@ -140,10 +141,11 @@ def test_demo_quick(capsys, tmp_path):
     assert code == 2 and "already holds a demo run" in err
 
 
+@pytest.mark.slow
 def test_demo_as_a_command_ends_cleanly(tmp_path):
     """The demo as a user runs it, in its own process with ReFT in a second one: exit 0 and nothing
-    on stderr but its own lines (a ReFT process terminated while it exits left a semaphore to the
-    resource tracker, which printed a 'leaked semaphore' warning after every demo)."""
+    on stderr but its own lines (a ReFT process terminated while it exits would leave a semaphore to
+    the resource tracker, which prints a 'leaked semaphore' warning)."""
     proc = subprocess.run([sys.executable, "-m", "reftune.cli", "demo", "--quick", "--out", str(tmp_path / "demo"),
                            "threads=1", *QUIET], capture_output=True, text=True, cwd=tmp_path, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -152,6 +154,7 @@ def test_demo_as_a_command_ends_cleanly(tmp_path):
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["reft"]["checkpoint"]
 
 
+@pytest.mark.slow
 def test_demo_runs_reft_beside_the_baselines_with_the_same_results(capsys, tmp_path):
     """parallel_stages (the default) trains ReFT in a second process while Offline-ST and Online-ST
     run: every method's results equal those of the stages one after the other."""

@@ -19,7 +19,8 @@ from conftest import small_overrides
 
 PLUGINS = str(Path(__file__).parent / "plugins")
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-pytestmark = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found next to the interpreter")
+pytestmark = [pytest.mark.slow,  # several torchrun processes per test
+              pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found next to the interpreter")]
 
 REFT = ["questions_per_step=8", "samples_per_prompt=2", "mini_batch_size=16", "ppo_epochs=2", "lr=1e-3",
         "lam=1.0", "vf_coef=1.0", "value_dropout=0.0", "score_none=0.5", "max_new_tokens=24", "eval_max_new_tokens=24",

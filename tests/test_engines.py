@@ -13,7 +13,7 @@ import torch
 from reftune.engines import ENGINES, EngineSpec, check_engine, make_generator
 from reftune.engines.base import position_ids_from_mask
 from reftune.engines.static import StaticSampler, fallback_reason
-from reftune.models import load_causal_lm, load_tokenizer
+from reftune.models import encode_prompt, load_causal_lm, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -173,12 +173,13 @@ def test_sampling_values_equal_the_value_head_on_a_fresh_forward(warm, prompts):
     from reftune.trainers.policy import ValueHead, forward_logits_values
 
     model, tok = warm
-    head = ValueHead(model.config.hidden_size, dropout=0.5)
+    head = ValueHead.for_model(model, dropout=0.5)
     torch.nn.init.normal_(head.linear.weight, std=0.5, generator=torch.Generator().manual_seed(0))
     head.train()  # the engine switches it to eval while it decodes, and back
     plain = StaticSampler(model, tok, batch_size=16, seed=3).generate(prompts[:4], num_samples=3, max_new_tokens=40)
     engine = StaticSampler(model, tok, batch_size=16, seed=3)
-    engine.value_head = head
+    assert engine.supports_value_head
+    engine.set_value_head(head)
     rollout = engine.generate(prompts[:4], num_samples=3, max_new_tokens=40)
     assert head.training and torch.equal(rollout.response_ids, plain.response_ids) and plain.sampling_values is None
     P, m = rollout.prompt_ids.shape[1], rollout.response_mask.bool()
@@ -220,6 +221,12 @@ def test_models_with_sliding_window_layers_fall_back_to_the_cached_loop(small_ta
     greedy = engine.generate(prompts[:3], greedy=True, max_new_tokens=12)
     hf = make_generator("hf", model, tok).generate(prompts[:3], greedy=True, max_new_tokens=12)
     assert tokens_per_row(greedy) == tokens_per_row(hf)
+    # The cached loop computes no values: the engine says so, and refuses a value head.
+    from reftune.trainers.policy import ValueHead
+
+    assert not engine.supports_value_head
+    with pytest.raises(ValueError, match="cached loop"):
+        engine.set_value_head(ValueHead.for_model(model))
 
 
 def test_llama_needs_no_fallback(untrained):
@@ -252,7 +259,7 @@ def test_rollout_layout(name, early_eos, warmup_model, prompts):
     assert (pm[:, 1:] >= pm[:, :-1]).all(), "prompt mask must be 0...0 1...1"
     assert (r.prompt_ids[pm == 0] == pad).all()
     for row in range(B):
-        expected = tok(chosen[r.prompt_index[row]], add_special_tokens=False)["input_ids"]
+        expected = encode_prompt(tok, chosen[r.prompt_index[row]])
         assert r.prompt_ids[row][pm[row].bool()].tolist() == expected
     # responses: RIGHT-padded, mask 1 up to and including EOS
     rm = r.response_mask.long()
@@ -267,6 +274,55 @@ def test_rollout_layout(name, early_eos, warmup_model, prompts):
             assert len(toks) == 30
     if r.sampling_logprobs is not None:
         assert r.sampling_logprobs.shape == r.response_ids.shape
+
+
+def test_value_head_capability_is_declared_by_each_engine(untrained):
+    """`Generator.supports_value_head` says which engines apply a trainer's value head: the static
+    engine does; the others say not, and refuse one; an engine from outside reftune that does not
+    declare it is taken as not supporting one."""
+    from reftune.trainers.policy import ValueHead
+
+    model, tok = untrained
+    head = ValueHead.for_model(model)
+    static = make_generator("static", model, tok)
+    assert static.supports_value_head
+    static.set_value_head(head)
+    assert static.value_head is head
+    static.set_value_head(None)  # a critic-free estimator: engine log-probs without values
+    assert static.value_head is None
+    for name in ("cached", "hf"):
+        engine = make_generator(name, model, tok)
+        assert not engine.supports_value_head
+        with pytest.raises(NotImplementedError, match="supports_value_head is False"):
+            engine.set_value_head(head)
+
+
+def test_new_token_budget_worked_numbers():
+    from reftune.engines.base import new_token_budget
+
+    assert new_token_budget(64, 50, 40) == 14  # the last sampled token at position 63
+    assert new_token_budget(64, 10, 40) == 40
+    assert new_token_budget(None, 10_000, 40) == 40  # a model that states no context
+    assert new_token_budget(64, 63, 40) == 1
+    with pytest.raises(ValueError, match="a prompt of 64 tokens fills the model's context of 64 tokens"):
+        new_token_budget(64, 64, 40)
+
+
+def test_a_response_ends_at_its_first_stop_token_of_any_kind(untrained):
+    """finish_rollout with two stop ids (EOS and an end-of-turn id): each row is cut after the first
+    of either, which stays in the mask; a row with neither runs to the cap."""
+    from reftune.engines.base import finish_rollout, rollout_from_token_lists
+
+    _, tok = untrained
+    eos, eot, pad = tok.eos_token_id, 7, tok.pad_token_id
+    sampled = torch.tensor([[5, eot, 9, eos], [5, 6, eos, eot], [5, 6, 8, 9]])
+    prompt = torch.ones(3, 2, dtype=torch.long)
+    r = finish_rollout(tok, prompt, prompt, sampled, [0, 1, 2], stop_ids=[eos, eot])
+    assert r.response_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    assert r.response_ids[0].tolist() == [5, eot, pad, pad] and r.ended_with_eos.tolist() == [True, True, False]
+    lists = rollout_from_token_lists(tok, [[1, 1]] * 3, sampled.tolist(), [0, 1, 2], "cpu", stop_ids=[eos, eot])
+    assert torch.equal(lists.response_mask, r.response_mask) and lists.texts == r.texts
+    assert torch.equal(lists.ended_with_eos, r.ended_with_eos)
 
 
 # --------------------------------------------------------------------------- registry
@@ -288,13 +344,35 @@ def test_one_registry_entry_adds_an_engine(monkeypatch):
     engine = make_generator("dummy", "M", "T", batch_size=3, seed=5, model_path="p")
     assert isinstance(engine, DummyEngine)
     assert engine.args == dict(model="M", tokenizer="T", batch_size=3, seed=5, model_path="p")
+    assert engine.supports_value_head is False  # not declared by the engine: none
     with pytest.raises(ValueError) as err:
         check_engine("nope")
     assert "dummy (a test engine)" in str(err.value) and "static" in str(err.value)
 
 
-def test_static_is_registered():
-    assert ENGINES["static"].target == "reftune.engines.static:StaticSampler"
+@pytest.mark.parametrize("name", ["cached", "hf", "static"])
+def test_each_registered_engine_builds_its_class_and_samples(name, early_eos, prompts):
+    """A registry entry is all it takes: `make_generator(name)` builds the class the entry names
+    (imported on its own here), passes the arguments through, and the engine samples with the
+    model: its greedy tokens are the model's argmax at every step."""
+    from reftune.engines.cached import CachedSampler
+    from reftune.engines.hf import HFGenerator
+
+    model, tok = early_eos
+    expected = {"cached": CachedSampler, "hf": HFGenerator, "static": StaticSampler}[name]
+    module, cls = ENGINES[name].target.split(":")
+    assert getattr(importlib.import_module(module), cls) is expected
+    engine = make_generator(name, model, tok, batch_size=2, seed=0)
+    assert type(engine) is expected and engine.batch_size == 2 and engine.model is model
+    r = engine.generate(prompts[:3], greedy=True, max_new_tokens=6)
+    assert len(r.texts) == 3
+    with torch.no_grad():
+        for row in range(3):
+            prompt = r.prompt_ids[row][r.prompt_mask[row].bool()]
+            response = r.response_ids[row][r.response_mask[row].bool()]
+            ids = torch.cat([prompt, response]).unsqueeze(0)
+            argmax = model(ids).logits[0, len(prompt) - 1:-1].argmax(-1)
+            assert response.tolist() == argmax.tolist(), (name, row)
 
 
 def test_auto_engine_is_static_on_a_cpu(untrained):

@@ -1,4 +1,4 @@
-"""Fuzzing the CLI (issue 13): seeded random mutations of valid configs (overrides and YAML files)
+"""Fuzzing the CLI: seeded random mutations of valid configs (overrides and YAML files)
 and of dataset files, fed to every subcommand in-process through `reftune.cli.main`. Whatever the
 input: exit 0, or exit 2 with exactly one line `reftune <cmd>: error: ...`; never an exception
 escaping `main`; and nothing outside the case's own folder changes (a pre-existing sibling run and
@@ -179,6 +179,7 @@ def make_cases(tiny: str, warm: str) -> list[dict]:
     return cases
 
 
+@pytest.mark.slow  # 48 mutated inputs, each a full command run
 def test_fuzzed_inputs_exit_cleanly_and_touch_nothing_else(sibling, tiny_model, warmup_model, tmp_path, monkeypatch,
                                                            capsys):
     monkeypatch.chdir(tmp_path)  # relative paths a mutation produces stay in here

@@ -1,4 +1,4 @@
-"""The package's shape, checked so it stays as the README describes it: imports only run down the
+"""The package's shape, checked so it stays as docs/design.md describes it: imports only run down the
 layers (no circles), trainers do not borrow from each other, the RL math imports only torch, every
 engine is reachable through the registry alone, and no file grows past ~600 lines."""
 
@@ -17,7 +17,7 @@ PKG = Path(__file__).resolve().parents[1] / "reftune"
 
 # Lower numbers are lower layers; a module may import its own layer only inside its own package.
 LAYERS = {
-    "reftune.types": 0, "reftune.config": 0, "reftune.validate": 1, "reftune.model_files": 1, "reftune.batching": 0, "reftune.sandbox": 0,
+    "reftune.types": 0, "reftune.config": 0, "reftune.validate": 1, "reftune.model_files": 1, "reftune.trackers": 1, "reftune.batching": 0, "reftune.sandbox": 0,
     "reftune.rewards": 1, "reftune.options": 1.5,  # the config sections: above the checks, below models
     "reftune.tasks": 2, "reftune.models": 2, "reftune.runs": 2, "reftune.runtime": 2,
     "reftune.engines": 3, "reftune.tiny": 3, "reftune.plan": 1, "reftune.recipes": 6, "reftune.prompt_guard": 3,

@@ -15,7 +15,8 @@ from conftest import small_data
 
 pytest.importorskip("peft")
 
-from reftune.trainers.lora import apply_lora, merged_state_dict  # noqa: E402
+from reftune.models import merged_state_dict  # noqa: E402
+from reftune.trainers.lora import apply_lora  # noqa: E402
 from reftune.trainers.reft import ReFTConfig, run_reft  # noqa: E402
 
 LORA = dict(lora_r=4, lora_alpha=8.0, lora_target_modules=["q_proj", "v_proj"])
@@ -67,3 +68,32 @@ def test_lora_resume_is_exact(quantize, request, small_task, tmp_path):
     b = load_file(f"{resumed['last_checkpoint']}/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "B" / "latest.json").read_text())["step"] == 4
+
+
+def test_default_lora_layers_per_family(tiny_model):
+    """No lora_target_modules: peft's default for the model type, else the attention's projections
+    by name (Phi-3: peft has no default, its fused qkv_proj is found); a layout with neither is
+    refused, naming the option."""
+    from transformers import Phi3Config, Phi3ForCausalLM, PretrainedConfig
+
+    from reftune.trainers.lora import default_target_modules
+
+    assert default_target_modules(AutoModelForCausalLM.from_pretrained(tiny_model)) == ["q_proj", "v_proj"]
+    phi3 = Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                                      eos_token_id=2))
+    assert default_target_modules(phi3) == ["qkv_proj"]
+
+    class Mystery(torch.nn.Module):
+        config = PretrainedConfig()
+        config.model_type = "mystery"
+
+        def __init__(self):
+            super().__init__()
+            self.decoder = torch.nn.Sequential(torch.nn.Linear(4, 4))
+
+        def get_decoder(self):
+            return self.decoder
+
+    with pytest.raises(ValueError, match="model type 'mystery'.*lora_target_modules"):
+        default_target_modules(Mystery())

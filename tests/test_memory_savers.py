@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import small_data
 from reftune.config import ConfigError
+from reftune.models import enable_activation_checkpointing
 from reftune.trainers.policy import ValueHead, frozen_forward, policy_forward
 from reftune.trainers.reft import ReFTConfig, run_reft
 
@@ -35,6 +36,17 @@ def test_gradient_checkpointing_trains_identically(warmup_model, small_task, tmp
     for a, b in zip(plain, checkpointed):
         for key in ("reft/score", "reft/kl", "reft/pg_loss", "reft/vf_loss", "reft/grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.filterwarnings("error::FutureWarning")
+def test_activation_checkpointing_is_switched_on_without_deprecated_names(tiny_model):
+    """The trainers' switch turns checkpointing on in every decoder layer through the name that
+    transformers keeps in v6 (its deprecated aliases warn with a FutureWarning, an error here)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert not model.is_activation_checkpointing
+    enable_activation_checkpointing(model)
+    layers = model.model.layers
+    assert model.is_activation_checkpointing and all(layer.gradient_checkpointing for layer in layers)
 
 
 # --- chunked log-probs ------------------------------------------------------------------------------

@@ -311,8 +311,8 @@ def test_kl_as_loss_with_k3(warmup_model, parity_task, tmp_path):
 
 def test_bfloat16_policy_with_value_head(warmup_model, parity_task, tmp_path):
     """dtype=bfloat16 (what dtype=auto picks on a GPU, and the paper config's setting) with the
-    default GAE value head. Regression: the value head used to stay float32 and the first forward
-    failed with "expected m1 and m2 to have the same dtype". Also exercises top_p < 1."""
+    default GAE value head. The value head takes the policy's dtype (a float32 head would fail the
+    first forward with "expected m1 and m2 to have the same dtype"). Also exercises top_p < 1."""
     cfg = reft_config(warmup_model, tmp_path / "run", steps=2, dtype="bfloat16", top_p=0.9, eval_every=0)
     result = run_reft(cfg, task=parity_task)
     assert abs(result["history"][0]["reft/kl"]) < 1e-6
@@ -335,9 +335,31 @@ def test_bf16_mixed_precision_keeps_fp32_weights(warmup_model, parity_task, tmp_
     assert any(not torch.equal(last[k], t) for k, t in weights(warmup_model).items())
 
 
-def test_hf_engine_runs(warmup_model, parity_task, tmp_path):
-    result = run_reft(reft_config(warmup_model, tmp_path / "run", steps=1, engine="hf"), task=parity_task)
-    assert abs(result["history"][0]["reft/kl"]) < 1e-6
+def test_hf_engine_rollouts_train_the_policy(warmup_model, parity_task, tmp_path, monkeypatch):
+    """engine=hf: the step's rollout (8 questions x 2 samples) comes from transformers' `generate`,
+    and PPO trains on it: every policy weight and the zero-initialised value head move; the first
+    KL is 0 (old and reference policy are the same weights)."""
+    from reftune.engines.hf import HFGenerator
+
+    sampled = []
+    real = HFGenerator.generate
+
+    def counted(self, prompts, **kwargs):
+        rollout = real(self, prompts, **kwargs)
+        if not kwargs.get("greedy"):
+            sampled.append((len(prompts), kwargs.get("num_samples", 1), len(rollout.texts)))
+        return rollout
+
+    monkeypatch.setattr(HFGenerator, "generate", counted)
+    run = tmp_path / "run"
+    result = run_reft(reft_config(warmup_model, run, steps=1, samples_per_prompt=2, engine="hf"), task=parity_task)
+    assert sum(n for n, _, _ in sampled) == 8 and all(n * k == rows for n, k, rows in sampled)
+    step = result["history"][0]
+    assert abs(step["reft/kl"]) < 1e-6 and step["reft/grad_norm"] > 0 and step["reft/vf_loss"] > 0
+    last = run / "checkpoints" / "step-000001"
+    before, after = weights(warmup_model), weights(last / "policy")
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+    assert torch.load(last / "value_head.pt")["linear.weight"].abs().sum() > 0
 
 
 # ------------------------------------------------------------------------------- failures

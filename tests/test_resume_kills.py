@@ -1,4 +1,4 @@
-"""Every kill leaves a run that resumes (issue 13): each command runs in a subprocess that is
+"""Every kill leaves a run that resumes: each command runs in a subprocess that is
 SIGKILLed at a seeded random instant (a few each), also while `--resume` runs and while a
 checkpoint is being written; afterwards `--resume` (or a rerun) succeeds, the result is the
 uninterrupted run's bit for bit, and no temporary copy or lock file is left.
@@ -22,6 +22,8 @@ from safetensors.torch import load_file
 
 from reftune.cli import main
 from reftune.runs import LOCK_NAME, read_jsonl
+
+pytestmark = pytest.mark.slow  # each test kills and resumes a few subprocess runs
 
 QUIET = ["progress=false", "device=cpu", "tensorboard=false"]
 TIMING = ("seconds", "time", "elapsed")

@@ -1,4 +1,5 @@
-"""Warm-up SFT (reftune.trainers.sft): loss only on CoT + EOS, accumulation invariance, checkpoints, a tiny run."""
+"""Warm-up SFT (reftune.trainers.sft): loss only on CoT + EOS, accumulation invariance, checkpoints, a tiny run,
+and SFT on the shared loop: resume of an earlier state layout, the non-finite stop, another trainer's checkpoint refused."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from reftune import models
+from reftune.trainers import sft as sft_module
+from reftune.trainers.checkpoints import upgrade_state
+from reftune.trainers.loop import Callbacks
 from reftune.trainers.sft import SFTConfig, run_sft
 from reftune.trainers.supervised import IGNORE, collate, encode_sft_example, linear_schedule, sft_loss
 
@@ -279,3 +283,96 @@ def test_mixed_precision_modes():
 def test_empty_training_split_is_an_error(tiny_model, small_task, tmp_path):
     with pytest.raises(ValueError, match="empty"):
         run_sft(sft_config(tiny_model, tmp_path / "run"), task=small_task, train_examples=[])
+
+
+# ------------------------------------------------------------------------------- the shared loop
+
+class Stop(Exception):
+    """Raised from a callback: the run stops there, as a kill after that epoch's checkpoint would."""
+
+
+def stop_after(epoch: int) -> Callbacks:
+    def end(done: int, record: dict) -> None:
+        if done == epoch:
+            raise Stop
+    return Callbacks(on_step_end=end)
+
+
+def untimed(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if k != "elapsed"} for h in history]
+
+
+def test_resume_of_an_earlier_sft_state_is_exact(tiny_model, small_task, tmp_path):
+    """A run folder whose resume state has SFT's earlier layout (`best_acc`, no trainer label, a
+    latest.json with the epoch first) resumes into the shared format: the straight run's weights,
+    history and best epoch."""
+    kw = dict(epochs=3, save_epochs=[3], eval_split="validation", eval_max_new_tokens=8)
+    straight = run_sft(sft_config(tiny_model, tmp_path / "A", **kw), task=small_task)
+    cfg = sft_config(tiny_model, tmp_path / "B", **kw)
+    with pytest.raises(Stop):
+        run_sft(cfg, task=small_task, callbacks=stop_after(1))
+    run = tmp_path / "B"
+    assert not (run / ".reftune.lock").exists()  # the stopped run let go of its folder
+    state = torch.load(run / "resume" / "trainer_state.pt", weights_only=False)
+    assert state["trainer"] == "sft" and state["epoch"] == 1 and "order_rng" in state and "scheduler" in state
+    earlier = {k: v for k, v in state.items() if k not in ("trainer", "best_accuracy")}
+    torch.save({**earlier, "best_acc": state["best_accuracy"]}, run / "resume" / "trainer_state.pt")
+    (run / "latest.json").write_text(json.dumps({"epoch": 1, "step": state["step"], "path": "resume"}))
+
+    resumed = run_sft(cfg, task=small_task, resume=True)
+    assert untimed(resumed["history"]) == untimed(straight["history"])
+    assert resumed["best_epoch"] == straight["best_epoch"]
+    a, b = weights(straight["checkpoints"][3]), weights(resumed["checkpoints"][3])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_upgrade_names_fsdp2_optimizer_state_by_the_optimized_tree():
+    """SFT's earlier fsdp2 state named AdamW's entries by the policy's parameters; the shared loop
+    keys them by the tree of optimized modules, where the policy is entry 0. Numbered entries (a
+    plain optimizer.state_dict()) stay as they are."""
+    named = {"state": {"model.norm.weight": {"step": 3}}, "param_groups": [{"lr": 0.1, "params": ["model.norm.weight"]}]}
+    upgraded = upgrade_state({"best_acc": 0.5, "optimizer": named, "order_rng": (), "step": 3})
+    assert upgraded["optimizer"] == {"state": {"0.model.norm.weight": {"step": 3}},
+                                     "param_groups": [{"lr": 0.1, "params": ["0.model.norm.weight"]}]}
+    assert upgraded["best_accuracy"] == 0.5 and "best_acc" not in upgraded and upgraded["trainer"] == "sft"
+    numbered = {"state": {0: {"step": 3}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    assert upgrade_state({"best_acc": 0.5, "optimizer": numbered})["optimizer"] == numbered
+    current = {"best_accuracy": 0.5, "optimizer": named}
+    assert upgrade_state(current) is current
+
+
+def test_nan_loss_stops_sft_and_the_last_epoch_resumes(tiny_model, small_task, tmp_path, monkeypatch):
+    """The loss turns nan in epoch 2: FloatingPointError naming the step and the last good
+    checkpoint, the folder let go; a resume with a finite loss completes the run."""
+    real = sft_module.sft_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss, n = real(model, batch)
+        return (loss * float("nan") if calls["n"] > 4 else loss), n  # 64 examples / 16: 4 steps per epoch
+
+    monkeypatch.setattr(sft_module, "sft_loss", poisoned)
+    cfg = sft_config(tiny_model, tmp_path / "run", epochs=2)
+    with pytest.raises(FloatingPointError, match=r"sft: loss is nan at step 5; last good checkpoint: .*latest.json"):
+        run_sft(cfg, task=small_task)
+    run = tmp_path / "run"
+    assert not (run / ".reftune.lock").exists()
+    assert json.loads((run / "latest.json").read_text())["epoch"] == 1 and not (run / "result.json").exists()
+    monkeypatch.setattr(sft_module, "sft_loss", real)
+    result = run_sft(cfg, task=small_task, resume=True)
+    assert [h["epoch"] for h in result["history"]] == [1, 2] and set(result["checkpoints"]) == {1, 2}
+
+
+def test_another_trainers_checkpoint_is_refused_before_anything_is_written(sft_run, warmup_model, small_task):
+    """Resuming an SFT run folder as ReFT: refused, naming the trainer that wrote it; the folder's
+    config stays SFT's."""
+    from reftune.trainers.reft import ReFTConfig, run_reft
+
+    cfg, _ = sft_run
+    before = (Path(cfg.out_dir) / "config.yaml").read_text()
+    reft = ReFTConfig(model=warmup_model, data=small_data(), out_dir=cfg.out_dir, steps=1, device="cpu",
+                      progress=False, tensorboard=False)
+    with pytest.raises(ValueError, match="checkpoint of sft, not of reft: resume it with the command that wrote it"):
+        run_reft(reft, resume=True, task=small_task)
+    assert (Path(cfg.out_dir) / "config.yaml").read_text() == before

@@ -1,11 +1,13 @@
 """Generation engines: one `Generator` interface (`base.py`), one file per engine, one registry.
 
 Owns: sampling CoTs from a policy and returning them as a `Rollout` (token ids + masks).
-May import: `reftune.batching` and third-party libraries; never tasks, rewards or trainers.
+May import: `reftune.batching`, `reftune.models` (token conventions, context), `reftune.runs` (notes) and
+third-party libraries; never tasks, rewards or trainers.
 
 Adding an engine: write `engines/<name>.py` with a class taking
-`(model, tokenizer, batch_size=..., seed=..., model_path=...)` and implementing `generate` and
-`sync_weights`, then add one line to `ENGINES`. Validation (`check_engine`), construction
+`(model, tokenizer, batch_size=..., seed=..., model_path=...)`, subclassing `Generator` and
+implementing `generate` and `sync_weights` (and `supports_value_head` / `set_value_head` when it
+can apply a trainer's value head), then add one line to `ENGINES`. Validation (`check_engine`), construction
 (`make_generator`) and the error message all read that dict. An engine that lives outside
 reftune needs no registration: name it `engine=package.module:Class`.
 """
@@ -53,9 +55,10 @@ def check_engine(name: str, key: str = "engine") -> None:
 
 
 def resolve_engine(name: str, model) -> str:
-    """The engine `auto` stands for, by where `model` lives: `static` on a CPU (1.4-2.1x `generate`
-    there, bench/bench_rollout.py), `cached` elsewhere (static's gains come from per-call overhead
-    that a GPU hides behind its kernels; not measured on one yet). Other names are returned as given."""
+    """The engine `auto` stands for, by where `model` lives: `static` on a CPU (1.8x `generate`'s
+    tokens/s there: docs/performance.md, bench/bench_rollout.py), `cached` elsewhere (static's gains
+    come from per-call overhead that a GPU hides behind its kernels; not measured on one yet).
+    Other names are returned as given."""
     if name != "auto":
         return name
     return "static" if next(model.parameters()).device.type == "cpu" else "cached"
@@ -72,4 +75,7 @@ def make_generator(name: str, model, tokenizer, batch_size: int = 64, seed: int 
         engine = getattr(importlib.import_module(module), cls)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"engine {name!r}: cannot import {module}:{cls} ({e})") from None
-    return engine(model, tokenizer, batch_size=batch_size, seed=seed, model_path=model_path)
+    built = engine(model, tokenizer, batch_size=batch_size, seed=seed, model_path=model_path)
+    if not hasattr(built, "supports_value_head"):  # an outside engine written before the interface said so
+        built.supports_value_head = False
+    return built

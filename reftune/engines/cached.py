@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from reftune.engines.base import (cache_kwarg, concat_rollouts, encode_prompts, expand_prompts, finish_rollout,
-                                  position_ids_from_mask)
+from reftune.engines.base import (Generator, GenerationLimits, cache_kwarg, concat_rollouts, encode_prompts,
+                                  expand_prompts, finish_rollout, position_ids_from_mask, prompt_lengths)
 
 
 def sample_next(logits: torch.Tensor, greedy: bool, temperature: float, top_p: float, generator=None) -> torch.Tensor:
@@ -22,13 +22,14 @@ def sample_next(logits: torch.Tensor, greedy: bool, temperature: float, top_p: f
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-class CachedSampler:
-    """Rows that hit EOS are dropped from the batch as they finish, so short answers stop costing
-    compute. On CPU with a small model this is on par with `model.generate` (0.9-1.2x its tokens/s:
-    bench/bench_rollout.py)."""
+class CachedSampler(Generator):
+    """Rows that hit a stop token are dropped from the batch as they finish, so short answers stop
+    costing compute. On CPU with a small model this is on par with `model.generate` (0.9-1.2x its
+    tokens/s on a 2-core AMD EPYC with AVX2: bench/bench_rollout.py, docs/performance.md)."""
 
     def __init__(self, model, tokenizer, batch_size: int = 64, seed: int | None = None, model_path: str | None = None):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.limits = GenerationLimits(model, tokenizer)
         self.rng = None
         if seed is not None:
             self.rng = torch.Generator(device="cpu").manual_seed(seed)
@@ -38,6 +39,7 @@ class CachedSampler:
 
     @torch.no_grad()
     def generate(self, prompts, *, num_samples=1, greedy=False, temperature=1.0, top_p=1.0, max_new_tokens=256):
+        max_new_tokens = self.limits.budget(prompt_lengths(self.tokenizer, prompts), max_new_tokens, "engine=cached")
         rows, index = expand_prompts(prompts, num_samples)
         parts = []
         for start in range(0, len(rows), self.batch_size):
@@ -66,7 +68,7 @@ class CachedSampler:
             logits = out.logits[:, -1, :]
             tokens = sample_next(logits, greedy, temperature, top_p, self._rng_for(device))
             sampled[active, t] = tokens
-            alive = tokens != tok.eos_token_id
+            alive = ~self.limits.stopped(tokens)
             if t == max_new_tokens - 1 or not alive.any():
                 break
             if not alive.all():  # drop finished rows from the batch and the cache
@@ -78,7 +80,7 @@ class CachedSampler:
                         **cache_arg)
             next_pos = next_pos + 1
         model.train(was_training)
-        return finish_rollout(tok, prompt_ids, prompt_mask, sampled, index)
+        return finish_rollout(tok, prompt_ids, prompt_mask, sampled, index, stop_ids=self.limits.stop_ids)
 
     def _rng_for(self, device):
         return self.rng if (self.rng is not None and device.type == "cpu") else None

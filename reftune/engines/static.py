@@ -21,7 +21,7 @@ or calls:
   rollout, so sampled decode steps of an sdpa model switch the model's `_attn_implementation` to
   "eager" (restored after; the additive mask suits both). Greedy keeps sdpa: eager's rounding
   differs from `generate`'s in the last bits, which can flip a near-tie argmax.
-- Finished rows: the loop ends when every row has emitted EOS, and when half the batch has
+- Finished rows: the loop ends when every row has emitted a stop token, and when half the batch has
   finished the survivors are compacted (rows and cache) so finished answers stop costing compute.
 
 Greedy output is the same as `model.generate` token for token: the same sdpa kernel sees the
@@ -42,8 +42,8 @@ import contextlib
 
 import torch
 
-from reftune.engines.base import (Rollout, cache_kwarg, concat_rollouts, encode_prompts, expand_prompts,
-                                  finish_rollout, position_ids_from_mask)
+from reftune.engines.base import (Generator, GenerationLimits, Rollout, cache_kwarg, concat_rollouts, encode_prompts,
+                                  expand_prompts, finish_rollout, position_ids_from_mask, prompt_lengths)
 from reftune.engines.cached import CachedSampler
 
 # Attention implementations that take a prepared 4-D additive mask as-is (others get a 2-D mask).
@@ -142,7 +142,7 @@ def sample_rows(logits: torch.Tensor, greedy: bool, temperature: float, top_p: f
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-class StaticSampler:
+class StaticSampler(Generator):
     """`generate` as `CachedSampler`, faster on small models (module docstring); `rng` is the
     torch.Generator every sampled token comes from (seeded with `seed`; without one, from torch's
     global seed), so trainers can checkpoint and restore it."""
@@ -158,9 +158,21 @@ class StaticSampler:
         self.rng.manual_seed(seed if seed is not None else int(torch.randint(2**62, (1,)).item()))
         self.fallback = fallback_reason(model)
         self._cached = CachedSampler(model, tokenizer, batch_size=batch_size) if self.fallback else None
+        self.limits = GenerationLimits(model, tokenizer)
         self.value_head: torch.nn.Module | None = None
-        """A trainer's value head: when set, sampled rollouts also carry `sampling_values`, the head
-        (in eval mode) on the last hidden state of the step that sampled each token."""
+        """A trainer's value head (`set_value_head`): sampled rollouts then also carry
+        `sampling_values`, the head (in eval mode) on the last hidden state of the step that sampled
+        each token."""
+
+    @property
+    def supports_value_head(self) -> bool:
+        """Its own decoding loop reports log-probs and values; the `cached` fallback does not."""
+        return self._cached is None
+
+    def set_value_head(self, head: torch.nn.Module | None) -> None:
+        if head is not None and not self.supports_value_head:
+            raise ValueError(f"engine=static runs the cached loop for this model ({self.fallback}): no values")
+        self.value_head = head
 
     def sync_weights(self) -> None:
         pass  # shares the live model, and nothing is derived from its weights
@@ -171,6 +183,7 @@ class StaticSampler:
             self._cached.rng = self.rng
             return self._cached.generate(prompts, num_samples=num_samples, greedy=greedy, temperature=temperature,
                                          top_p=top_p, max_new_tokens=max_new_tokens)
+        max_new_tokens = self.limits.budget(prompt_lengths(self.tokenizer, prompts), max_new_tokens, "engine=static")
         if greedy and num_samples > 1:  # every sample of a prompt is the same: decode it once
             once = self.generate(prompts, greedy=True, max_new_tokens=max_new_tokens)
             return _repeat_rows(once, num_samples)
@@ -231,7 +244,7 @@ class StaticSampler:
                 sampled[rows, t], logprobs[rows, t] = tokens, lp.float()
                 if values is not None:
                     values[rows, t] = value
-                done |= tokens == tok.eos_token_id
+                done |= self.limits.stopped(tokens)
                 if t == max_new_tokens - 1 or bool(done.all()):
                     break
                 running = int((~done).sum())
@@ -245,7 +258,8 @@ class StaticSampler:
                             output_hidden_states=head is not None, **cache_arg)
                 logits, value = out.logits[:, -1], step_values(out)
                 pos = pos + 1
-        return finish_rollout(tok, ids, mask, sampled, index, sampling_logprobs=logprobs, sampling_values=values)
+        return finish_rollout(tok, ids, mask, sampled, index, sampling_logprobs=logprobs, sampling_values=values,
+                              stop_ids=self.limits.stop_ids)
 
 
 @contextlib.contextmanager

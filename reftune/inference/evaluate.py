@@ -26,9 +26,9 @@ def evaluate(generator: Generator, task: Task, examples: list[Example], max_new_
     rollout = generator.generate(prompts, greedy=True, max_new_tokens=max_new_tokens)
     graded = task.grade(rollout.texts, examples)
     predictions = [
-        {"id": ex.id, "question": ex.question, "completion": task.completion_text(ex, text), "answer": g.answer,
-         "gold": ex.answer, "correct": g.correct, **({"reason": g.reason} if g.reason else {})}
-        for ex, text, g in zip(examples, rollout.texts, graded)
+        {"id": ex.id, "question": ex.question, "prompt": prompt, "completion": task.completion_text(ex, text),
+         "answer": g.answer, "gold": ex.answer, "correct": g.correct, **({"reason": g.reason} if g.reason else {})}
+        for ex, prompt, text, g in zip(examples, prompts, rollout.texts, graded)
     ]
     n = len(examples)
     summary = {
@@ -51,7 +51,8 @@ def sample_split(generator, task: Task, examples: list[Example], k: int, tempera
                                  max_new_tokens=max_new_tokens)
     row_examples = [examples[i] for i in rollout.prompt_index]
     graded = task.grade(rollout.texts, row_examples)
-    records = [{"id": ex.id, "question": ex.question, "gold": ex.answer, "samples": []} for ex in examples]
+    records = [{"id": ex.id, "question": ex.question, "prompt": prompt, "gold": ex.answer, "samples": []}
+               for ex, prompt in zip(examples, prompts)]
     for i, text, g in zip(rollout.prompt_index, rollout.texts, graded):
         records[i]["samples"].append({"completion": task.completion_text(examples[i], text), "answer": g.answer,
                                       "correct": bool(g.correct)})

@@ -11,9 +11,8 @@ import torch
 
 from reftune.batching import pad_with_mask
 from reftune.inference.voting import ks_up_to
-from reftune.models import ModelLoadError, load_tokenizer
+from reftune.models import ModelLoadError, encode_prompt, load_tokenizer
 from reftune.tasks import Task
-from reftune.types import Example
 
 POSITIVE = 1  # label index of "correct"
 
@@ -21,7 +20,7 @@ POSITIVE = 1  # label index of "correct"
 def encode_rm_input(tokenizer, prompt: str, completion: str, max_length: int) -> list[int]:
     """Token ids of prompt + completion, cut on the LEFT when too long: the classifier reads the
     last token's state, and the end of the CoT is where the answer is."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] + \
+    ids = encode_prompt(tokenizer, prompt) + \
         tokenizer(completion, add_special_tokens=False)["input_ids"]
     return ids[-max_length:]
 
@@ -73,7 +72,7 @@ def score_records(rm, tokenizer, task: Task, records: list[dict], batch_size: in
     """P(correct) of every sample of every record, aligned with `record["samples"]`."""
     prompts, completions = [], []
     for r in records:
-        prompt = task.prompt(Example(r["id"], r["question"], r["gold"]))
+        prompt = task.record_prompt(r)
         for s in r["samples"]:
             prompts.append(prompt)
             completions.append(s["completion"])

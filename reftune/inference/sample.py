@@ -5,7 +5,7 @@ test time, and the training data of Offline self-training and of the reward mode
 
 File format, one line per question (`{split}_samples.jsonl`):
 
-    {"id": ..., "question": ..., "gold": "18",
+    {"id": ..., "question": ..., "prompt": <the prompt as the model was given it>, "gold": "18",
      "samples": [{"completion": <full CoT>, "answer": "18" | null, "correct": true}, ...]}
 
 `completion` is the full CoT (`task.completion_text`: with `program_header_in_prompt` the header
@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -163,15 +163,6 @@ def origin_changes(samples_path: Path, origin: dict, run_dir: Path | None = None
     if run_dir is not None and cfg is not None:
         return config_changes(run_dir, cfg, RESUME_FREE) or []
     return []
-
-
-def check_resumable(cfg: SampleConfig) -> None:
-    """Refuse to append to a samples file drawn with other settings (model, k, temperature, data...)."""
-    run_dir = Path(cfg.out_dir)
-    changed = origin_changes(run_dir / f"{cfg.split}_samples.jsonl", sample_origin(cfg), run_dir, cfg)
-    if changed:
-        raise ValueError(f"{run_dir} holds samples drawn with other settings ({', '.join(changed)} differ); "
-                         f"use another out_dir, the same settings to resume, or --overwrite to replace them")
 
 
 def run_sample(cfg: SampleConfig, overwrite: bool = False) -> dict:

@@ -18,6 +18,7 @@ from typing import Sequence
 
 from reftune.rewards.answers import (LETTERS, OPTION_REL_TOL, TOLERANCE, answer_segment, extract_nl, is_correct,
                                      option_value, parse_choice)
+from reftune.rewards.formats import extract_final
 from reftune.rewards.programs import clean_program, instrument, program_values, value_to_answer
 from reftune.types import Example, Graded
 
@@ -103,7 +104,8 @@ def _grade_program_choice(value, reason: str, ex: Example, guard: bool) -> tuple
 
 
 def grade_batch(cots: Sequence[str], examples: Sequence[Example], style: str, answer_type: str,
-                choice_guard: bool = True, timeout: float = 2.0, memory_mb: int = 512) -> list[Graded]:
+                choice_guard: bool = True, timeout: float = 2.0, memory_mb: int = 512,
+                answer_format: str = "reft") -> list[Graded]:
     """Grade full CoTs against their examples (the reward's input).
 
     N-CoT: number after the last marker, or for choice questions the letter after it (with the
@@ -117,7 +119,7 @@ def grade_batch(cots: Sequence[str], examples: Sequence[Example], style: str, an
     graded: list[Graded] = []
     if style == "nl":
         for cot, ex in zip(cots, examples):
-            answer, why = extract_nl(cot, answer_type)
+            answer, why = extract_final(cot, answer_type, answer_format)  # rewards/formats.py
             if answer is not None and answer_type == "choice" and choice_guard \
                     and ex.options is not None and answer not in ex.options:
                 answer, why = None, f"letter {answer!r} is not an option"

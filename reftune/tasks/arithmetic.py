@@ -16,10 +16,12 @@ question can never sit in two splits, whatever the seed and sizes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from dataclasses import dataclass
 
+from reftune.rewards.formats import answer_line, find_answer
 from reftune.tasks.base import NL_ANSWER_PREFIX, DataConfig, Example, Task
 
 NAMES = [
@@ -78,22 +80,7 @@ def make_problem(rng: random.Random, n_steps: int, max_number: int, gold_order: 
     if n_relations < 1:
         return None
     people = rng.sample(NAMES, n_relations + 1)
-    counts = {people[0]: rng.randint(2, max_number)}
-    relations: list[Relation] = []
-    for person in people[1:]:
-        source = rng.choice(list(counts))
-        base = counts[source]
-        op = rng.choice("+-*/")
-        if op == "/" and base % 2:
-            op = "+"
-        if op == "-" and base < 3:
-            op = "+"
-        if op == "*" and base * 2 > 5 * max_number:
-            op = "+"
-        amount = {"+": rng.randint(1, max_number), "-": rng.randint(1, max(1, min(base - 1, max_number))),
-                  "*": rng.randint(2, 3), "/": 2}[op]
-        counts[person] = {"+": base + amount, "-": base - amount, "*": base * amount, "/": base // 2}[op]
-        relations.append(Relation(person, source, op, amount))
+    counts, relations = _draw_relations(rng, people, max_number)
 
     # Question and final step.
     if kind == "single":
@@ -135,23 +122,46 @@ def make_problem(rng: random.Random, n_steps: int, max_number: int, gold_order: 
         final_expr = " + ".join(p.lower() for p in summands)
     elif kind == "difference":
         final_expr = f"{a.lower()} - {b.lower()}"
-    lines = ["def solution():", f"    {people[0].lower()} = {counts[people[0]]}"]
-    for r in relations:
-        lines.append(f"    {r.person.lower()} = {r.source.lower()} {r.op} {r.amount}")
-    result_expr = final_expr if final_expr else people[-1].lower()
-    lines += [f"    result = {result_expr}", "    return result"]
-    program = "\n".join(lines)
-
+    program = _program(people[0], counts, relations, final_expr if final_expr else people[-1].lower())
     # Gold natural-language CoT: the same steps with the arithmetic written out.
     steps = [f"{people[0]} has {counts[people[0]]} {item}."]
-    for r in relations:
-        steps.append(f"{r.person} has {_fmt(counts[r.source])} {r.op} {r.amount} = {_fmt(counts[r.person])} {item}.")
+    steps += [f"{r.person} has {_fmt(counts[r.source])} {r.op} {r.amount} = {_fmt(counts[r.person])} {item}."
+              for r in relations]
     if kind == "total":
         steps.append(f"In total they have {' + '.join(_fmt(counts[p]) for p in summands)} = {_fmt(answer)} {item}.")
     elif kind == "difference":
         steps.append(f"{a} has {_fmt(counts[a])} - {_fmt(counts[b])} = {_fmt(answer)} more {item} than {b}.")
     nl = "\n".join(steps) + f"\n{NL_ANSWER_PREFIX} {_fmt(answer)}"
     return Example(id="", question=question, answer=_fmt(answer), cot=program, options=None), nl
+
+
+def _draw_relations(rng: random.Random, people: list[str], max_number: int) -> tuple[dict[str, int], list[Relation]]:
+    """The first person's count, then each other person's as an operation on someone already
+    counted (ops that would leave small whole numbers are turned into +)."""
+    counts = {people[0]: rng.randint(2, max_number)}
+    relations: list[Relation] = []
+    for person in people[1:]:
+        source = rng.choice(list(counts))
+        base = counts[source]
+        op = rng.choice("+-*/")
+        if op == "/" and base % 2:
+            op = "+"
+        if op == "-" and base < 3:
+            op = "+"
+        if op == "*" and base * 2 > 5 * max_number:
+            op = "+"
+        amount = {"+": rng.randint(1, max_number), "-": rng.randint(1, max(1, min(base - 1, max_number))),
+                  "*": rng.randint(2, 3), "/": 2}[op]
+        counts[person] = {"+": base + amount, "-": base - amount, "*": base * amount, "/": base // 2}[op]
+        relations.append(Relation(person, source, op, amount))
+    return counts, relations
+
+
+def _program(first: str, counts: dict[str, int], relations: list[Relation], result_expr: str) -> str:
+    """The gold P-CoT: one assignment per person in the relations' order, then the result."""
+    lines = ["def solution():", f"    {first.lower()} = {counts[first]}"]
+    lines += [f"    {r.person.lower()} = {r.source.lower()} {r.op} {r.amount}" for r in relations]
+    return "\n".join(lines + [f"    result = {result_expr}", "    return result"])
 
 
 def _split_of(question: str) -> str:
@@ -166,6 +176,11 @@ def generate_examples(cfg: DataConfig, style: str) -> dict[str, list[Example]]:
         raise ValueError(f"data.min_steps/max_steps must satisfy 1 <= min <= max, got {cfg.min_steps}/{cfg.max_steps}")
     if cfg.max_number < 4:
         raise ValueError(f"data.max_number must be at least 4, got {cfg.max_number}")
+    if cfg.validation_size > cfg.n_train:
+        # The validation split is drawn like the others (about 1 problem in 10 lands in it), so an
+        # oversized one would spend minutes generating problems before failing or training.
+        raise ValueError(f"data.validation_size={cfg.validation_size}: must be at most data.n_train "
+                         f"({cfg.n_train}) on the built-in task")
     want = {"train": cfg.n_train, "validation": cfg.validation_size, "test": cfg.n_test}
     out: dict[str, list[Example]] = {k: [] for k in want}
     seen: set[str] = set()
@@ -194,7 +209,18 @@ def load_arithmetic_task(cfg: DataConfig) -> Task:
     splits = generate_examples(cfg, cfg.style)
     test = splits["test"][: cfg.max_test or None]
     validation = splits["validation"][: cfg.max_test or None]
-    return Task(
+    task = Task(
         name="arithmetic", style=cfg.style, answer_type="number",
         train=splits["train"][: cfg.max_train or None], validation=validation, test=test,
+        prompt_format=cfg.prompt_format, system_prompt=cfg.system_prompt, answer_format=cfg.answer_format,
     )
+    if cfg.style == "nl" and find_answer(f"{NL_ANSWER_PREFIX} 1", task.answer_format) is None:
+        for split in ("train", "validation", "test"):  # gold CoTs state the answer the way it is read
+            setattr(task, split, [_restate(ex, task.answer_format) for ex in getattr(task, split)])
+    return task
+
+
+def _restate(ex: Example, answer_format: str) -> Example:
+    """`ex` with its gold N-CoT's answer line written in `answer_format`."""
+    body = ex.cot.rsplit(NL_ANSWER_PREFIX, 1)[0].rstrip()
+    return dataclasses.replace(ex, cot=f"{body}\n{answer_line(ex.answer, answer_format)}")

@@ -16,14 +16,16 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import os
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from reftune.config import read_text_utf8
-from reftune.rewards import answers, grading
+from reftune.rewards import answers, formats, grading
 from reftune.tasks.base import NL_ANSWER_PREFIX, DataConfig, Example, Task
+from reftune.tasks.conversations import conversational_row, other_columns
 
 log = logging.getLogger(__name__)
 
@@ -111,31 +113,75 @@ def parse_options(question: str) -> dict[str, str] | None:
     return options
 
 
-def nl_target(cot: str, answer: str, answer_type: str) -> str | None:
+def nl_target(cot: str, answer: str, answer_type: str, answer_format: str = "reft") -> str | None:
     """The N-CoT training target. A CoT whose last answer line already gives the gold answer is kept
     as written (SVAMP's `Therefore, the answer is <203>.` is read back as 203); a CoT without an
-    answer line gets `Therefore, the answer is: X` appended (the paper's format). None when the
-    CoT's own answer line contradicts the gold answer."""
+    answer line gets one in `answer_format` appended (the paper's: `Therefore, the answer is: X`).
+    None when the CoT's own answer line contradicts the gold answer."""
     cot = cot.rstrip()
-    if answers.answer_segment(cot) is None:
-        return f"{cot}\n{NL_ANSWER_PREFIX} {answer}"
-    graded = grading.grade_batch([cot], [Example("", "", answer)], "nl", answer_type, choice_guard=False)[0]
+    if formats.find_answer(cot, answer_format) is None:
+        return f"{cot}\n{formats.answer_line(answer, answer_format)}"
+    graded = grading.grade_batch([cot], [Example("", "", answer)], "nl", answer_type, choice_guard=False,
+                                 answer_format=answer_format)[0]
     return cot if graded.correct else None
 
 
 def convert_row(row: dict, index: int, *, fields: Fields, answer_type: str, style: str,
-                need_cot: bool, source: str, where: str = "row", id_prefix: str = "") -> Example:
+                need_cot: bool, source: str, where: str = "row", id_prefix: str = "",
+                answer_format: str = "reft") -> Example:
     """One raw row (a dict from a JSON file, a JSONL line or a Hugging Face dataset) as an Example.
 
+    Rows hold the question, gold CoT and gold answer in `fields`, or are TRL's conversational rows
+    (`messages`, or `prompt` + `completion` as lists of {role, content}: tasks/conversations.py).
     `index` and `where` ("line" for JSONL, "row" for JSON lists and datasets) only name the row in
     errors; rows without an id get `{id_prefix}-{index}` (default: from the file name). The gold
-    answer is canonicalised ("203.0" -> "203", "1,080" -> "1080", "C" -> "c").
+    answer is canonicalised ("203.0" -> "203", "1,080" -> "1080", "C" -> "c"); the row's other
+    fields travel along as `Example.columns` (reward functions get them).
     Raises DatasetError on a missing field or an unparsable gold answer.
     """
     at = f"{source}: {where} {index}"
     if not isinstance(row, dict):
         raise DatasetError(f"{at}: expected a JSON object, got {type(row).__name__}")
+    get = _field_reader(row, at)
+    chat = conversational_row(row, fields, at, DatasetError)
+    row_id = row.get(fields.id)
+    if row_id is None:  # GSM8K has no ids: "gsm8k-train-12" (the line number)
+        stem = Path(source).stem
+        if not id_prefix:
+            id_prefix = f"{Path(source).parent.name}-{stem}" if stem in ("train", "test", "validation") else stem
+        row_id = f"{id_prefix}-{index}"
+    if chat is not None:
+        question, cot, messages = chat
+        if need_cot and cot is None:
+            raise DatasetError(f"{at}: a training row needs the answer turn (an assistant message, or `completion`)")
+        raw_answer = get(fields.answer, required=cot is None)
+        if raw_answer is None:  # the gold answer as the gold completion states it
+            raw_answer = formats.find_answer(cot, answer_format)
+            if raw_answer is None:
+                raise DatasetError(f"{at}: missing field {fields.answer!r}, and the completion states no answer in "
+                                   f"data.answer_format={answer_format} (fields present: {sorted(row)})")
+    else:
+        question, messages = str(get(fields.question)).strip(), None
+        cot = get(fields.cot, required=need_cot)
+        raw_answer = None
+        if fields.cot == fields.answer:  # GSM8K style: "reasoning\n#### 72"
+            text = str(get(fields.answer))
+            if "####" not in text:
+                raise DatasetError(f"{at}: field {fields.answer!r} has no '#### answer' line")
+            reasoning, raw_answer = text.rsplit("####", 1)
+            cot = _GSM8K_NOTE_RE.sub("", reasoning).strip() or None
+        else:
+            raw_answer = get(fields.answer)
+    answer, options = _gold_answer(str(raw_answer).strip(), question, answer_type, fields.answer, at)
+    if cot is not None:
+        cot = str(cot).rstrip()
+        if style == "nl":  # None for a CoT that contradicts the answer: dropped from training
+            cot = nl_target(cot, answer, answer_type, answer_format)
+    return Example(str(row_id), question, answer, cot, options, messages, other_columns(row, fields))
 
+
+def _field_reader(row: dict, at: str):
+    """`get(name, required)`: a text or number field of the row, or a DatasetError naming it."""
     def get(name: str, required: bool = True):
         value = row.get(name)
         if value is None or (isinstance(value, str) and not value.strip()):
@@ -147,46 +193,27 @@ def convert_row(row: dict, index: int, *, fields: Fields, answer_type: str, styl
             raise DatasetError(f"{at}: field {name!r} is a JSON {type(value).__name__} ({json.dumps(value)[:60]}); "
                                f"expected a string or a number")
         return value
+    return get
 
-    question = str(get(fields.question)).strip()
-    row_id = row.get(fields.id)
-    if row_id is None:  # GSM8K has no ids: "gsm8k-train-12" (the line number)
-        stem = Path(source).stem
-        if not id_prefix:
-            id_prefix = f"{Path(source).parent.name}-{stem}" if stem in ("train", "test", "validation") else stem
-        row_id = f"{id_prefix}-{index}"
-    row_id = str(row_id)
-    cot = get(fields.cot, required=need_cot)
-    if fields.cot == fields.answer:  # GSM8K style: "reasoning\n#### 72"
-        text = str(get(fields.answer))
-        if "####" not in text:
-            raise DatasetError(f"{at}: field {fields.answer!r} has no '#### answer' line")
-        reasoning, raw_answer = text.rsplit("####", 1)
-        cot = _GSM8K_NOTE_RE.sub("", reasoning).strip() or None
-    else:
-        raw_answer = get(fields.answer)
-    raw_answer = str(raw_answer).strip()
+
+def _gold_answer(raw_answer: str, question: str, answer_type: str, field_name: str,
+                 at: str) -> tuple[str, dict[str, str] | None]:
+    """(canonical gold answer, options) or a DatasetError: a number, or an option letter."""
     if raw_answer[:1] in "[{" and _is_json_container(raw_answer):
-        raise DatasetError(f"{at}: field {fields.answer!r} holds {raw_answer[:60]!r}, a list or object; "
+        raise DatasetError(f"{at}: field {field_name!r} holds {raw_answer[:60]!r}, a list or object; "
                            f"a gold answer is one number or option letter")
-
-    options = None
     if answer_type == "choice":
         answer = answers.parse_choice(raw_answer)
         options = parse_options(question)
         if answer is None or (options is not None and answer not in options):
             raise DatasetError(f"{at}: gold answer {raw_answer!r} is not an option letter"
                                + (f" among {sorted(options)}" if options else ""))
-    else:
-        answer = answers.normalize_number(raw_answer)
-        if answer is None:
-            raise DatasetError(f"{at}: gold answer {raw_answer!r} is not a number")
-
-    if cot is not None:
-        cot = str(cot).rstrip()
-        if style == "nl":  # None for a CoT that contradicts the answer: dropped from training
-            cot = nl_target(cot, answer, answer_type)
-    return Example(row_id, question, answer, cot, options)
+        return answer, options
+    answer, why = formats.read_number(raw_answer)
+    if answer is None:
+        why = why if why == formats.NEEDS_MATH_VERIFY else "not a number"
+        raise DatasetError(f"{at}: gold answer {raw_answer!r} is {why}")
+    return answer, None
 
 
 def _is_json_container(text: str) -> bool:
@@ -235,13 +262,13 @@ def _bad_row(err: DatasetError, skip: bool, stats: dict) -> None:
 
 
 def load_examples(path: Path, *, fields: Fields, answer_type: str, style: str, need_cot: bool,
-                  skip_bad_rows: bool, stats: dict) -> list[Example]:
+                  skip_bad_rows: bool, stats: dict, answer_format: str = "reft") -> list[Example]:
     """All usable rows of one file (bad rows raise, or are skipped and counted)."""
     examples = []
     for index, where, row in read_rows(path, skip_bad_rows, stats):
         try:
             examples.append(convert_row(row, index, fields=fields, answer_type=answer_type, style=style,
-                                        need_cot=need_cot, source=str(path), where=where))
+                                        need_cot=need_cot, source=str(path), where=where, answer_format=answer_format))
         except DatasetError as err:
             _bad_row(err, skip_bad_rows, stats)
     if not examples:
@@ -257,7 +284,8 @@ def hf_rows_to_examples(rows, cfg: DataConfig, split: str, need_cot: bool, stats
     for i, row in enumerate(rows):
         try:
             examples.append(convert_row(dict(row), i, fields=fields, answer_type=cfg.answer_type,
-                                        style=cfg.style, need_cot=need_cot, source=source, id_prefix=split))
+                                        style=cfg.style, need_cot=need_cot, source=source, id_prefix=split,
+                                        answer_format=formats.resolve_answer_format(cfg.answer_format, "hf")))
         except DatasetError as err:
             _bad_row(err, cfg.skip_bad_rows, stats)
     if not examples:
@@ -283,9 +311,26 @@ def _load_hf_split(cfg: DataConfig, split: str, need_cot: bool, stats: dict) -> 
     return hf_rows_to_examples(rows, cfg, split, need_cot, stats)
 
 
+DATA_DIR_ENV = "REFTUNE_DATA_DIR"
+
+
+def data_dir(cfg: DataConfig) -> Path:
+    """The folder of the presets' files: `data.data_dir`, else $REFTUNE_DATA_DIR, else ./data."""
+    return Path(cfg.data_dir or os.environ.get(DATA_DIR_ENV) or "data").expanduser()
+
+
+def data_dir_note(cfg: DataConfig) -> str:
+    """How the data folder was chosen, for errors about a missing file."""
+    if cfg.data_dir:
+        return f"data.data_dir={cfg.data_dir!r}"
+    if os.environ.get(DATA_DIR_ENV):
+        return f"${DATA_DIR_ENV}, as data.data_dir is empty"
+    return f"the default ./data, as data.data_dir is empty and ${DATA_DIR_ENV} is not set"
+
+
 def _release_path(cfg: DataConfig, file_name: str) -> Path:
     """`data_dir/reft/<file>` (this project's layout) or `data_dir/<file>` (the release's data/)."""
-    base = Path(cfg.data_dir)
+    base = data_dir(cfg)
     candidates = [base / "reft" / file_name, base / file_name]
     return next((p for p in candidates if p.is_file()), candidates[0])
 
@@ -377,7 +422,7 @@ def _resolve(cfg: DataConfig) -> tuple[str, Fields, Path | None, Path | None]:
         if cfg.style != "nl":
             raise DatasetError("data.name=gsm8k (GSM8K's own files) has natural-language CoTs only; "
                                "for program CoTs use data.name=gsm8k_reft with the release's gsm8k_python_sdp.json")
-        base = Path(cfg.data_dir)
+        base = data_dir(cfg)
         return ("number", Fields("question", "answer", "answer", "id"),
                 override(cfg.train_path, base / GSM8K_FILES["train"]), override(cfg.test_path, base / GSM8K_FILES["test"]))
     if cfg.name in RELEASE:
@@ -392,6 +437,19 @@ def _resolve(cfg: DataConfig) -> tuple[str, Fields, Path | None, Path | None]:
                 override(cfg.train_path, None), Path(cfg.test_path))
     raise DatasetError(f"unknown data.name {cfg.name!r}: arithmetic, gsm8k, gsm8k_reft, svamp, mathqa, "
                        "mathqa_numeric, json or hf")
+
+
+def _check_preset_files(cfg: DataConfig, paths: list[Path]) -> None:
+    """A preset's file missing from the data folder: say which folder was looked in and why."""
+    if cfg.name == "json":
+        return
+    for path in paths:
+        if not path.is_file():
+            given = path in (Path(cfg.train_path), Path(cfg.test_path))
+            where = "" if given else (f" in the data folder {data_dir(cfg)} (from {data_dir_note(cfg)}); set "
+                                      f"data.data_dir or ${DATA_DIR_ENV} to the folder holding the dataset files")
+            raise DatasetError(f"{path}: file not found (resolved: {path.resolve()}){where}, or give "
+                               f"data.train_path / data.test_path")
 
 
 def load_dataset_task(cfg: DataConfig) -> Task:
@@ -409,8 +467,9 @@ def load_dataset_task(cfg: DataConfig) -> Task:
         train_source = f"hf:{cfg.hf_id}"
     else:
         answer_type, fields, train_path, test_path = _resolve(cfg)
+        _check_preset_files(cfg, [test_path] + ([] if cfg.test_only else [train_path]))
         common = dict(fields=fields, answer_type=answer_type, style=cfg.style, skip_bad_rows=cfg.skip_bad_rows,
-                      stats=stats)
+                      stats=stats, answer_format=formats.resolve_answer_format(cfg.answer_format, cfg.name))
         test = load_examples(test_path, need_cot=False, **common)
         train = [] if cfg.test_only else load_examples(train_path, need_cot=True, **common)
         stats.update(test_file=str(test_path), train_file=None if cfg.test_only else str(train_path))
@@ -426,4 +485,5 @@ def load_dataset_task(cfg: DataConfig) -> Task:
         log.warning("%s: skipped %d bad rows", cfg.name, stats["skipped_rows"])
     return Task(name=cfg.name, style=cfg.style, answer_type=answer_type, train=train, validation=validation,
                 test=test, choice_guard=cfg.choice_guard, program_header_in_prompt=cfg.program_header_in_prompt,
-                stats=stats)
+                stats=stats, prompt_format=cfg.prompt_format, system_prompt=cfg.system_prompt,
+                answer_format=cfg.answer_format)

@@ -49,8 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from reftune.engines.base import Rollout
-from reftune.rewards.score import RewardSpec, correctness_score
-from reftune.trainers.rollout import ScoredRollout
+from reftune.trainers.rollout import ScoredRollout, sample_and_score
 from reftune.trainers.rollout_source import StepRollout
 
 Tensor = torch.Tensor
@@ -164,9 +163,12 @@ class RolloutSpec:
 class AsyncRolloutSource:
     """Rollouts of a step sampled by a second process up to `max_staleness` steps ahead (module doc)."""
 
-    def __init__(self, spec: RolloutSpec, *, model, task, questions, reward: RewardSpec, max_staleness: int,
+    def __init__(self, spec: RolloutSpec, *, model, task, questions, rewards, max_staleness: int,
                  seed: int, rank: int = 0, saved: list[dict] | None = None):
-        self.spec, self.model, self.task, self.questions, self.reward = spec, model, task, questions, reward
+        """`model`: the policy the weights are read from; `questions(step)`: this process's questions
+        of a step; `rewards`: how a sampled CoT scores (a RewardSet, or a RewardSpec: correctness
+        alone); `saved`: the rollouts a checkpoint had in flight."""
+        self.spec, self.model, self.task, self.questions, self.rewards = spec, model, task, questions, rewards
         self.n, self.seed, self.rank = max_staleness, seed, rank
         self.layout = Layout.of(policy_weights(model))
         self.slots = [self.layout.allocate() for _ in range(self.n)]
@@ -278,17 +280,28 @@ class AsyncRolloutSource:
         return StepRollout(scored, scored, result["policy_step"], stats)
 
     def _scored(self, result: dict, questions: list) -> StaleRollout:
-        rollout = Rollout(**result["rollout"])
-        examples = [questions[i] for i in rollout.prompt_index]
-        graded = self.task.grade(rollout.texts, examples)
-        scores = torch.tensor([correctness_score(g, self.reward) for g in graded], dtype=torch.float32)
-        return StaleRollout(rollout, examples, graded, scores, result["ref_logprobs"], result["policy_step"])
+        """Graded and scored here, as a synchronous rollout is (rollout.sample_and_score)."""
+        s = self.spec
+        scored = sample_and_score(Sampled(Rollout(**result["rollout"])), self.task, questions, s.samples_per_prompt,
+                                  s.temperature, s.top_p, s.max_new_tokens, self.rewards)
+        return StaleRollout(**vars(scored), ref_logprobs=result["ref_logprobs"], policy_step=result["policy_step"])
 
     def state_dict(self) -> list[dict]:
         """The rollouts in flight, waited for (checkpoints hold them: a resume hands them out first)."""
         while self.in_flight:
             self.ready.append(self._receive())
         return list(self.ready)
+
+
+class Sampled:
+    """A generator that returns a rollout sampled already (by the rollout process), so that scoring
+    is `sample_and_score`'s, whatever the run's rewards."""
+
+    def __init__(self, rollout: Rollout):
+        self.rollout = rollout
+
+    def generate(self, prompts, **_) -> Rollout:
+        return self.rollout
 
 
 @contextlib.contextmanager
@@ -326,9 +339,10 @@ def validate_staleness(cfg, c) -> None:
                                    f"step's own rollout, so they cannot be sampled ahead")
 
 
-def start_rollouts(cfg, run) -> AsyncRolloutSource:
-    """The rollout process of a ReFT run (an `OnlineRun`), holding the rollouts its checkpoint had in
-    flight when resuming; this process keeps the threads the rollout process does not take."""
+def start_rollouts(cfg, run, rewards) -> AsyncRolloutSource:
+    """The rollout process of a ReFT run (an `OnlineRun`; `rewards`: its RewardSet), holding the
+    rollouts its checkpoint had in flight when resuming; this process keeps the threads the rollout
+    process does not take."""
     if run.device.type != "cpu":
         raise ValueError(f"max_staleness={cfg.max_staleness} samples ahead on the CPU, and this run trains on "
                          f"{run.device}: set device=cpu or max_staleness=0")
@@ -344,7 +358,7 @@ def start_rollouts(cfg, run) -> AsyncRolloutSource:
                        cfg.gen_batch_size, threads, cfg.samples_per_prompt, cfg.temperature, cfg.top_p,
                        cfg.max_new_tokens, cfg.logprob_chunk_size)
     source = AsyncRolloutSource(spec, model=run.rollout_model, task=run.task, questions=run.questions,
-                                reward=cfg.reward, max_staleness=cfg.max_staleness, seed=cfg.seed,
+                                rewards=rewards, max_staleness=cfg.max_staleness, seed=cfg.seed,
                                 rank=run.dist.rank, saved=saved)
     source.restore_threads = total
     torch.set_num_threads(max(1, total - threads))

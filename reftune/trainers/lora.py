@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 
-from reftune.models import is_peft, is_quantized, merged_state_dict  # noqa: F401  (re-exported)
+from reftune.models import is_peft, is_quantized
 
 
 def lora_enabled(cfg) -> bool:
@@ -32,9 +32,50 @@ def apply_lora(model, cfg):
         # Checkpointing was already set by the caller; peft must not switch it on by default.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
+    targets = list(cfg.lora_target_modules) or default_target_modules(model)
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                        target_modules=list(cfg.lora_target_modules) or None, bias="none", task_type="CAUSAL_LM")
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+# Fused attention projections, by the names families give them, for a model type peft has no
+# default for (Phi-3: qkv_proj).
+FUSED_QKV = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv")
+
+
+def default_target_modules(model) -> list[str]:
+    """The layers that get adapters when `lora_target_modules` is empty: peft's default for the
+    model type (q_proj + v_proj for Llama, Qwen2, Mistral, Gemma, OPT; c_attn for GPT-2;
+    query_key_value for GPT-NeoX), else for its text model's type (Gemma-3's multimodal layout:
+    gemma3_text), else the attention's query and value projections found by name (q_proj and
+    v_proj, or a fused one: Phi-3's qkv_proj). Only the language model's layers: a multimodal
+    model's vision tower has layers of the same names, which are left out (named in full)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    config = model.config
+    types = [config.model_type, getattr(config.get_text_config(), "model_type", None)]
+    leaves = next((list(PEFT_DEFAULTS[t]) for t in types if t in PEFT_DEFAULTS), None)
+    decoder = model.get_decoder()
+    if leaves is None:
+        leaves = _attention_projections(decoder)
+    if not leaves:
+        raise ValueError(f"lora_target_modules: no default LoRA layers for model type {config.model_type!r} (peft "
+                         f"has none, and no q_proj/v_proj or fused qkv projection was found); name them, e.g. "
+                         f"lora_target_modules=[q_proj,v_proj]")
+    inside = {id(m) for m in decoder.modules()}
+    matched = [(n, id(m) in inside) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in leaves]
+    if all(ok for _, ok in matched):
+        return leaves
+    return [n for n, ok in matched if ok]
+
+
+def _attention_projections(decoder) -> list[str]:
+    """Query and value projections of the decoder's attention layers, found by their names."""
+    names = {n.rsplit(".", 1)[-1] for n, m in decoder.named_modules()
+             if any(k in n.lower() for k in ("attn", "attention")) and hasattr(m, "weight") and m.weight.dim() == 2}
+    if {"q_proj", "v_proj"} <= names:
+        return ["q_proj", "v_proj"]
+    return [n for n in FUSED_QKV if n in names][:1]
 
 
 def reference_mode(model):

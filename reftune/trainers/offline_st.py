@@ -97,7 +97,7 @@ def build_offline_st_examples(task_examples: list[Example], samples: list[dict],
                 continue
             seen.add(text)
             kept += 1
-            out.append(Example(f"{ex.id}/sample-{kept}", ex.question, ex.answer, text, ex.options))
+            out.append(dataclasses.replace(ex, id=f"{ex.id}/sample-{kept}", cot=text))  # its conversation kept
     return out
 
 

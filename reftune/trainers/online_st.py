@@ -23,18 +23,18 @@ from dataclasses import dataclass, fields
 import torch
 
 from reftune.models import autocast
-from reftune.rewards.score import RewardSpec
+from reftune.options import Rewards
 from reftune.tasks import Task
 from reftune.trainers.loop import Callbacks, OnlineConfig, OnlineRun
 from reftune.trainers.distributed import scalar
-from reftune.trainers.rollout import sample_and_score, step_metrics
+from reftune.trainers.rollout import build_rewards, sample_and_score, step_metrics
 from reftune.batching import pad, pad_with_mask
 from reftune.trainers.policy import forward_logits_values, shared_prompt_forward
-from reftune.trainers.supervised import IGNORE, encode_sft_example
+from reftune.trainers.supervised import IGNORE, encode_task_example
 
 
 @dataclass
-class OnlineSTConfig(OnlineConfig):
+class OnlineSTConfig(Rewards, OnlineConfig):
     """`reftune online-st`: ReFT's sampling loop with a cross-entropy update (own correct + gold)."""
 
     model: str = ""
@@ -57,9 +57,9 @@ class OnlineSTConfig(OnlineConfig):
 
 def online_st_config_from_reft(reft_cfg, **overrides) -> OnlineSTConfig:
     """An OnlineSTConfig with ReFT's budget: every field of the shared base (steps, questions,
-    samples, lr, sampling, eval...) taken from `reft_cfg`, ppo_epochs as update_epochs. A new
+    samples, lr, sampling, eval, rewards...) taken from `reft_cfg`, ppo_epochs as update_epochs. A new
     object: `reft_cfg` is not changed."""
-    shared = {f.name: copy.deepcopy(getattr(reft_cfg, f.name)) for f in fields(OnlineConfig)}
+    shared = {f.name: copy.deepcopy(getattr(reft_cfg, f.name)) for f in fields(OnlineConfig) + fields(Rewards)}
     return OnlineSTConfig(**{**shared, "update_epochs": reft_cfg.ppo_epochs, **overrides})
 
 
@@ -83,8 +83,8 @@ class QuestionCE:
 
 def build_ce_batch(task: Task, scored, tokenizer, max_length: int) -> list[QuestionCE]:
     """Per distinct question of the step (in rollout order): its gold CoT and its own correct samples
-    (graded correct, i.e. reward == score_correct), encoded like SFT data (prompt + full CoT + EOS,
-    loss on the CoT and EOS) and merged where their tokens are equal.
+    (graded correct by the task's grader, whatever the reward functions say), encoded like SFT data
+    (prompt + full CoT + EOS, loss on the CoT and EOS) and merged where their tokens are equal.
 
     Samples are re-tokenised from their text (as SFT data would be), which the loss then teaches
     as the canonical tokenisation. Merging changes no loss: a row counted n times in a token-mean
@@ -93,13 +93,13 @@ def build_ce_batch(task: Task, scored, tokenizer, max_length: int) -> list[Quest
     by_id: dict[str, QuestionCE] = {}
     for ex in scored.examples:
         if ex.id not in by_id:  # one gold CoT per question, whatever samples_per_prompt is
-            prompt, target = _split_encoded(encode_sft_example(tokenizer, task.prompt(ex), task.target(ex), max_length))
+            prompt, target = _split_encoded(encode_task_example(tokenizer, task, ex, max_length))
             by_id[ex.id] = QuestionCE(ex.id, prompt, [target], [1], [0])
     for ex, text, graded in zip(scored.examples, scored.rollout.texts, scored.graded):
         if graded.correct:
             q = by_id[ex.id]
-            _, target = _split_encoded(encode_sft_example(tokenizer, task.prompt(ex), task.completion_text(ex, text),
-                                                          max_length))
+            _, target = _split_encoded(encode_task_example(tokenizer, task, ex, max_length,
+                                                           task.completion_text(ex, text)))
             if target in q.targets:
                 q.own_count[q.targets.index(target)] += 1
             else:
@@ -164,6 +164,7 @@ def run_online_st(cfg: OnlineSTConfig, resume: bool = False, task: Task | None =
     # 1. Config checked, run folder, task, seeds, policy (warm-up model or last checkpoint), engine.
     run = OnlineRun(cfg, "online-st", resume=resume, task=task, callbacks=callbacks, overwrite=overwrite)
     model, tokenizer, device, amp = run.model, run.tokenizer, run.device, run.amp
+    rewards = build_rewards(cfg, device, next(model.parameters()).dtype)  # scored and logged; the update keeps correct samples
 
     # 2. Optimizer (restored when resuming). No value head, no reference model.
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -178,7 +179,7 @@ def run_online_st(cfg: OnlineSTConfig, resume: bool = False, task: Task | None =
         # 3. Rollout: sample this step's questions and grade the answers (ReFT's reward, for the logs).
         questions = run.questions(step)  # this process's share
         scored = sample_and_score(run.generator, run.task, questions, cfg.samples_per_prompt, cfg.temperature,
-                                  cfg.top_p, cfg.max_new_tokens, RewardSpec())
+                                  cfg.top_p, cfg.max_new_tokens, rewards)
         t_gen = time.time() - t0
 
         # 4. Cross-entropy data: per question, its gold CoT and its distinct own correct samples.
@@ -219,6 +220,7 @@ def run_online_st(cfg: OnlineSTConfig, resume: bool = False, task: Task | None =
                                ce_rows=sum(len(q.targets) for q in data), seconds=time.time() - t0,
                                seconds_generate=t_gen)
         metrics = run.average(metrics)  # over processes (each CE is a mean over its own share)
+        run.logger.log_rollout(step + 1, scored, run.tokenizer)  # every log_samples_every steps: a table of CoTs
         # 7. Engine sync, periodic evaluation + best policy, history, log, resumable checkpoint.
         run.end_step(step, metrics, postfix=dict(score=f"{metrics['online_st/score']:.3f}", own=n_own))
     return run.finish()

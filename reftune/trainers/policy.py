@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from reftune.engines.base import cache_kwarg, position_ids_from_mask
-from reftune.models import is_peft
+from reftune.models import has_learned_positions, is_peft, model_context
 from reftune.trainers import algorithms as A
 from reftune.trainers.distributed import unwrap
 
@@ -34,8 +34,31 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.linear.weight)  # start at V=0: the first advantages equal the rewards
         nn.init.zeros_(self.linear.bias)
 
+    @classmethod
+    def for_model(cls, model, dropout: float = 0.1) -> "ValueHead":
+        """A value head as wide as the hidden states `model`'s LM head reads (`head_input_width`)."""
+        return cls(head_input_width(model), dropout)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.linear(self.dropout(hidden)).squeeze(-1).float()
+
+
+def head_input_width(model) -> int:
+    """Width of the hidden states the LM head reads, which the value head reads too: the output
+    embeddings' input features. Not `config.hidden_size`: OPT models with `word_embed_proj_dim`
+    (opt-350m) project the last hidden state down before the head, and Gemma-3's multimodal layout
+    (4B and up) keeps hidden_size in its `text_config` only."""
+    _, head = backbone_and_head(model)
+    width = getattr(head, "in_features", None)
+    if not isinstance(width, int) and isinstance(getattr(head, "weight", None), torch.Tensor):
+        width = head.weight.shape[-1]
+    if not isinstance(width, int):
+        lm = unwrap(model)
+        width = getattr(lm.config.get_text_config(), "hidden_size", None)
+    if not isinstance(width, int):
+        raise ValueError(f"{type(unwrap(model)).__name__}: cannot tell the width of the hidden states its LM head "
+                         f"reads (no Linear output embeddings, no hidden_size in its config)")
+    return width
 
 
 def forward_logits_values(model, value_head: ValueHead | None, input_ids, attention_mask, response_start: int):
@@ -121,10 +144,11 @@ def shared_prompt_forward(model, value_head, input_ids, attention_mask, response
     """`forward_logits_values` over rows that come in groups of `group_size` samples of one prompt (the
     rollout layout), running each prompt once: the prompt pass fills a KV cache, which is repeated
     for the group's rows, and the responses run on it. Same log-probs, values and gradients (to
-    float rounding) as the full pass; at 4 samples per question of the demo's task about 1.5x
-    faster, with and without gradients (bench/bench_prompt_sharing.py). `prompt_index` (B,) instead
-    of `group_size`: row i continues prompt number prompt_index[i], groups of any sizes (Online-ST's
-    gold and distinct own CoTs of a question); each prompt's rows hold the same prompt tokens.
+    float rounding) as the full pass; at 4 samples per question of the demo's task 1.56x faster,
+    with and without gradients (bench/bench_prompt_sharing.py, docs/performance.md).
+    `prompt_index` (B,) instead of `group_size`: row i continues prompt number prompt_index[i],
+    groups of any sizes (Online-ST's gold and distinct own CoTs of a question); each prompt's rows
+    hold the same prompt tokens.
 
     Shapes: input_ids, attention_mask (B, P+R) with B = G * group_size; response_ids (B, R);
     returns logits (B, R, V) and values (B, R) or None, as `forward_logits_values`. Two forward
@@ -228,3 +252,49 @@ def frozen_forward(separate_model: bool):
     a tensor its modules cache in inference mode (e.g. rotary tables) would break a later training
     forward that saves it for backward, so there it stays the caller's no_grad."""
     return torch.inference_mode() if separate_model else contextlib.nullcontext()
+
+
+# Config fields of logit transforms after the LM head, with the value that means "none" (Gemma-2's
+# soft-capping, Cohere's logit scale, Granite's logit scaling). A tiny random model's logits are
+# too small for a soft cap to show numerically, so the config is read as well as the numbers.
+LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
+def check_model_options(cfg, model) -> None:
+    """Options that depend on the model, checked once it is loaded and before any rollout or update:
+    `logprob_chunk_size` needs a plain LM head (`LOGIT_TRANSFORMS`, then `check_plain_head` on one
+    token), and with learned position embeddings (`has_learned_positions`) a `max_length` longer
+    than the context would index past the position table."""
+    if getattr(cfg, "logprob_chunk_size", 0):
+        name = type(unwrap(model)).__name__
+        config = unwrap(model).config.get_text_config()
+        for key, plain in LOGIT_TRANSFORMS.items():
+            if getattr(config, key, plain) not in (plain, None, 0):
+                raise ValueError(f"logprob_chunk_size={cfg.logprob_chunk_size}: {name} transforms its logits after "
+                                 f"the LM head ({key}={getattr(config, key)}), which chunking would skip; set "
+                                 f"logprob_chunk_size=0")
+        try:
+            _check_head_on_one_token(model)
+        except ValueError:
+            raise ValueError(f"logprob_chunk_size={cfg.logprob_chunk_size}: {name} computes its logits as more than "
+                             f"output embeddings(last hidden state), which chunking would skip; set "
+                             f"logprob_chunk_size=0") from None
+    length, model = getattr(cfg, "max_length", 0), unwrap(model)
+    context = model_context(model)
+    if length and context and length > context and has_learned_positions(model):
+        raise ValueError(f"max_length={length} is longer than the model's context ({context} positions, learned "
+                         f"position embeddings: a longer sequence has no position to look up); set max_length={context}")
+
+
+def _check_head_on_one_token(model) -> None:
+    """`check_plain_head` on a two-token forward (as `chunked_policy_forward` runs it)."""
+    backbone, head = backbone_and_head(model)
+    recorded = {}
+    hook = backbone.register_forward_hook(lambda _m, _args, out: recorded.update(hidden=out.last_hidden_state))
+    ids = torch.tensor([[0, 0]], device=next(model.parameters()).device)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    check_plain_head(head, recorded["hidden"][:, -1:], out.logits)

@@ -22,18 +22,18 @@ from typing import Callable
 
 import torch
 
-from reftune.models import autocast, load_causal_lm
-from reftune.rewards.score import RewardSpec
+from reftune.models import autocast, is_peft, load_causal_lm
+from reftune.options import Rewards
 from reftune.tasks import Task
 from reftune.trainers import algorithms as A
 from reftune.trainers.advantages import Estimator, get_estimator
 from reftune.trainers.async_rollout import correct_for_staleness, start_rollouts, validate_staleness
 from reftune.trainers.batch_layout import BatchLayout, shuffled_groups  # noqa: F401  (shuffled_groups: re-exported)
 from reftune.trainers.distributed import gradient_sync, scalar
-from reftune.trainers.lora import is_peft, reference_mode
+from reftune.trainers.lora import reference_mode
 from reftune.trainers.loop import Callbacks, OnlineConfig, OnlineRun
 from reftune.trainers.policy import ValueHead, frozen_forward, policy_forward
-from reftune.trainers.rollout import ScoredRollout, sample_and_score, step_metrics
+from reftune.trainers.rollout import ScoredRollout, build_rewards, sample_and_score, step_metrics
 from reftune.trainers.rollout_source import DynamicSampling, RolloutSource, StepRollout, SyncRollouts, refill_questions
 
 KL_COEF_BY_STYLE = {"nl": 0.05, "program": 0.01}  # the release's defaults (0.01 for MathQA-numeric N-CoT)
@@ -42,7 +42,7 @@ OVERLONG = ("none", "mask", "shape")
 
 
 @dataclass
-class ReFTConfig(OnlineConfig):
+class ReFTConfig(Rewards, OnlineConfig):
     """`reftune train`: PPO from a warm-up SFT checkpoint (ReFT)."""
 
     model: str = ""
@@ -111,16 +111,6 @@ class ReFTConfig(OnlineConfig):
     """k1 (log-ratio, the paper) | k3 (non-negative, low variance)."""
     kl_in_reward: bool = True
     """True: -kl_coef*KL in every token's reward (the paper). False: kl_coef*KL as a loss term."""
-    score_correct: float = 1.0
-    """Reward of a correct answer."""
-    score_wrong: float = 0.1
-    """Reward of an extracted but wrong answer."""
-    score_none: float = 0.0
-    """Reward when no answer could be extracted."""
-
-    @property
-    def reward(self) -> RewardSpec:
-        return RewardSpec(self.score_correct, self.score_wrong, self.score_none)
 
     @property
     def estimator(self) -> Estimator:
@@ -151,7 +141,7 @@ class ReFTConfig(OnlineConfig):
             c.fail("micro_batch_size", f"does not divide mini_batch_size={self.mini_batch_size}")
         if self.kl_coef is not None:
             c.float("kl_coef", 0.0, note="null: the release's default for the CoT style")
-        c.bool("whiten_advantages", "kl_in_reward").float("score_correct").float("score_wrong").float("score_none")
+        c.bool("whiten_advantages", "kl_in_reward")
         c.float("whiten_min_std", 0.0)
         self.estimator  # noqa: B018  (raises on an unknown estimator or too few samples per question)
         if self.questions_per_step * self.samples_per_prompt < self.mini_batch_size:
@@ -295,6 +285,7 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
             metrics = reft_metrics(got, batch, learner, stats, **trained, seconds=time.time() - t0,  # 5. metrics
                                    seconds_generate=t_gen)
             metrics = run.average(metrics)  # over processes: every one holds the same number of rows
+            run.logger.log_rollout(step + 1, got.sampled, run.tokenizer)  # every log_samples_every steps: a table
             # Engine sync, periodic evaluation + best policy, history, log, resumable checkpoint.
             run.end_step(step, metrics, postfix=dict(score=f"{metrics['reft/score']:.3f}",
                                                      kl=f"{metrics.get('reft/kl', float('nan')):.3f}"))
@@ -313,7 +304,7 @@ def build_learner(cfg: ReFTConfig, run: OnlineRun) -> Learner:
         load_causal_lm(cfg.ref_model or cfg.model, device, dtype).eval().requires_grad_(False)
     value_head = None
     if cfg.estimator.uses_value_head:
-        value_head = ValueHead(model.config.hidden_size, cfg.value_dropout).to(device, dtype)  # dtype: bf16 hidden states
+        value_head = ValueHead.for_model(model, cfg.value_dropout).to(device, dtype)  # dtype: bf16 hidden states
     critic = run.wrap(value_head) if value_head is not None else None
     params = [p for p in model.parameters() if p.requires_grad] + \
         (list(value_head.parameters()) if value_head is not None else [])  # LoRA: the adapters only
@@ -322,21 +313,24 @@ def build_learner(cfg: ReFTConfig, run: OnlineRun) -> Learner:
     # The static engine decodes with the live policy: its log-probs of the sampled tokens are the old
     # ones (up to float rounding; not so under bf16 autocast), and given the value head it also
     # returns the old values. (Under fsdp2 the value head is sharded: its forward is a collective.)
-    from_engine = cfg.engine_old_logprobs and not run.amp and not run.dist.sharded and hasattr(run.generator, "value_head")
+    from_engine = cfg.engine_old_logprobs and not run.amp and not run.dist.sharded and run.generator.supports_value_head
     if from_engine:
-        run.generator.value_head = value_head
+        run.generator.set_value_head(value_head)
     return Learner(model, run.train_model, ref_model, value_head, critic, optimizer, params, from_engine, run.amp,
                    device)
 
 
 def rollout_source(cfg: ReFTConfig, run: OnlineRun) -> RolloutSource:
-    """Synchronous sampling of each step's questions, with dynamic sampling around it when asked;
-    or, with max_staleness, sampling ahead in a second process (async_rollout)."""
+    """Synchronous sampling of each step's questions, scored by the run's rewards (correctness,
+    reward functions, a reward model), with dynamic sampling around it when asked; or, with
+    max_staleness, sampled ahead in a second process (async_rollout)."""
+    rewards = build_rewards(cfg, run.device, next(run.model.parameters()).dtype)
     if cfg.max_staleness:
-        return start_rollouts(cfg, run)
+        return start_rollouts(cfg, run, rewards)
+
     def sample(questions) -> ScoredRollout:
         return sample_and_score(run.generator, run.task, questions, cfg.samples_per_prompt, cfg.temperature,
-                                cfg.top_p, cfg.max_new_tokens, cfg.reward)
+                                cfg.top_p, cfg.max_new_tokens, rewards)
 
     source: RolloutSource = SyncRollouts(sample)
     if cfg.dynamic_sampling:

@@ -12,6 +12,10 @@ cross-entropy first learns the prior. Reranking only compares candidates of one 
 constant bias does not change, so the paper trains unweighted (`balance_classes=False`). With
 `balance_classes=True` each class is weighted n / (2 * n_class), so a rare class pulls as hard
 on the shared backbone as the common one; worth trying when one class is under ~10 %.
+
+Training runs on the shared loop (trainers/loop.py: run folder, seeds, distribution, the optimizer
+step with its non-finite stop, the result) counted in epochs; it writes no resume state (an epoch
+is short next to the sampling that feeds it: rerun, or --overwrite).
 """
 
 from __future__ import annotations
@@ -19,25 +23,22 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from dataclasses import field
-from pathlib import Path
-
 from reftune.batching import pad_with_mask
 from reftune.inference.rerank import POSITIVE, encode_rm_input, load_reward_model
-from reftune.models import autocast, resolve_device, resolve_dtype, resolve_mixed_precision, save_hf
+from reftune.models import autocast, enable_activation_checkpointing, load_tokenizer, save_hf
 from reftune.model_files import check_model_source
 from reftune.options import Optimizer, Schedule, TrainRuntime
 from reftune.validate import Checks
-from reftune.runs import RunLogger, atomic_save, progress, write_json
+from reftune.runs import atomic_save
 from reftune.tasks import DataConfig, Task, load_task
-from reftune.trainers.distributed import device_for, full_state_dict, init_distributed, scalar, wrap
-from reftune.trainers.loop import NullLogger, claim_folder
+from reftune.trainers.distributed import wrap
+from reftune.trainers.loop import TrainingRun
 from reftune.trainers.supervised import linear_schedule, shuffled_batches
-from reftune.types import Example
 
 
 @dataclass
@@ -96,7 +97,8 @@ def run_reward_model(cfg: RewardModelRunConfig, overwrite: bool = False) -> dict
     cfg.validate()
     if not Path(cfg.samples).is_file():
         raise FileNotFoundError(f"samples: file not found: {cfg.samples}")
-    prompts, completions, labels = rm_training_data(load_task(cfg.data), read_samples(cfg.samples))
+    task = load_task(cfg.data, load_tokenizer(cfg.model))  # prompts as the sampled model saw them
+    prompts, completions, labels = rm_training_data(task, read_samples(cfg.samples))
     if len(set(labels)) < 2:
         raise ValueError(f"{cfg.samples}: every sample is {'correct' if labels and labels[0] == POSITIVE else 'wrong'}"
                          f" ({len(labels)} distinct completions): a classifier needs both kinds; sample more (k) "
@@ -109,7 +111,7 @@ def rm_training_data(task: Task, records: list[dict]) -> tuple[list[str], list[s
     once (the first copy's label; the grader is deterministic, so copies agree)."""
     prompts, completions, labels = [], [], []
     for r in records:
-        prompt = task.prompt(Example(r["id"], r["question"], r["gold"]))
+        prompt = task.record_prompt(r)
         seen: set[str] = set()
         for s in r["samples"]:
             if s["completion"] in seen:
@@ -124,106 +126,114 @@ def rm_training_data(task: Task, records: list[dict]) -> tuple[list[str], list[s
 def train_reward_model(cfg: RewardModelConfig, prompts: list[str], completions: list[str], labels: list[int],
                        overwrite: bool = False, command: str = "compare") -> dict:
     """Train the classifier; returns {"checkpoint", "history", "n", "positive_fraction", "seconds"}."""
-    # 1. Config and data checked, run folder claimed (by rank 0), seeds.
+    # 1. Config and data checked, run folder claimed (by rank 0), seeds, the classifier.
     cfg.validate()
     if not prompts or not (len(prompts) == len(completions) == len(labels)):
         raise ValueError(f"reward model: need equal, non-empty prompts/completions/labels, got "
                          f"{len(prompts)}/{len(completions)}/{len(labels)}")
-    check_model_source(cfg.model, key="model" if command == "reward-model" else "rm.model")
-    dist = init_distributed(cfg.parallel)
-    folder, _ = claim_folder(cfg.out_dir, dist, resume=False, overwrite=overwrite, command=command,
-                             resumable=False)  # (epochs of a reward model are short: rerun, or --overwrite)
-    try:
-        run_dir = folder.begin(cfg) if folder is not None else Path(cfg.out_dir)
-        dist.barrier()
-        return _train(cfg, dist, run_dir, prompts, completions, labels)
-    finally:
-        if folder is not None:
-            folder.release()
+    with RewardModelRun(cfg, key="model" if command == "reward-model" else "rm.model", overwrite=overwrite,
+                        command=command) as run:
+        return _train(run, prompts, completions, labels)
 
 
-def _train(cfg: RewardModelConfig, dist, run_dir, prompts, completions, labels) -> dict:
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    device = device_for(dist, resolve_device(cfg.device))
-    amp = resolve_mixed_precision(cfg.mixed_precision, device)
+def _train(run: RewardModelRun, prompts: list[str], completions: list[str], labels: list[int]) -> dict:
+    """The opened run's data (a seeded subset of at most `max_examples`), optimizer and epochs."""
+    cfg = run.cfg
     if cfg.max_examples and len(prompts) > cfg.max_examples:
         keep = sorted(random.Random(cfg.seed).sample(range(len(prompts)), cfg.max_examples))
         prompts, completions = [prompts[i] for i in keep], [completions[i] for i in keep]
         labels = [labels[i] for i in keep]
 
-    # 2. Classifier from the initial checkpoint; inputs tokenised once.
-    model, tokenizer = load_reward_model(cfg.model, device, resolve_dtype(cfg.dtype, device))
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    train_model = wrap(model, dist)  # DDP, or sharded in place (fsdp2): the optimizer comes after
-    rows = [encode_rm_input(tokenizer, p, c, cfg.max_length) for p, c in zip(prompts, completions)]
+    # 2. Inputs tokenised once; class weights (see the module doc).
+    rows = [encode_rm_input(run.tokenizer, p, c, cfg.max_length) for p, c in zip(prompts, completions)]
     targets = torch.tensor(labels, dtype=torch.long)
-    n_pos = int((targets == POSITIVE).sum())
-    class_weight = torch.ones(2)
-    if cfg.balance_classes and 0 < n_pos < len(labels):
-        n = len(labels)
-        counts = torch.tensor([n - n_pos, n_pos], dtype=torch.float32)  # indexed by label: 0 wrong, 1 correct
-        class_weight = n / (2 * counts)
+    class_weight = class_weights(targets, cfg.balance_classes)
 
     # 3. Optimizer and linear schedule over the whole run.
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = linear_schedule(optimizer, total_steps, cfg.warmup_ratio)
-    logger = RunLogger(run_dir, tensorboard=False) if dist.is_main else NullLogger()
+    optimizer = torch.optim.AdamW(run.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = linear_schedule(optimizer, steps_per_epoch * cfg.epochs, cfg.warmup_ratio)
     order_rng = random.Random(cfg.seed)
-    history, step, start = [], 0, time.time()
-    bar = progress(total_steps, "reward model", disable=not cfg.progress or not dist.is_main)
-    for epoch in range(1, cfg.epochs + 1):
-        # 4. One epoch: shuffled batches, each split over the ranks; the (class-weighted)
-        # cross-entropy summed over a rank's rows and divided by the weight of the whole batch.
-        loss_sum, hits = 0.0, 0
-        for idx in shuffled_batches(len(rows), cfg.batch_size, order_rng):
-            batch_weight = float(class_weight[targets[idx]].sum())
-            stand_in = dist.enabled and not dist.uneven_slice(idx)  # a rank left without rows (a last small batch)
-            mine = idx[:1] if stand_in else dist.uneven_slice(idx)  # runs a zero-weight stand-in: all take part
-            input_ids, attention_mask = pad_with_mask([rows[i] for i in mine], tokenizer.pad_token_id)
-            y = targets[mine].to(device)
-            with autocast(amp, device):
-                logits = train_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                     use_cache=False).logits.float()
-            loss = torch.nn.functional.cross_entropy(logits, y, weight=class_weight.to(device), reduction="sum")
-            if stand_in:
-                loss = loss * 0.0
-            optimizer.zero_grad(set_to_none=True)
-            (loss * dist.world_size / batch_weight).backward()  # DDP averages over ranks: x W restores the sum
-            batch_loss, batch_hits = dist.sum_floats(loss.item() / batch_weight,
-                                                     0.0 if stand_in else float((logits.argmax(-1) == y).sum()))
-            if not math.isfinite(batch_loss):
-                raise FloatingPointError(f"reward model: loss is {batch_loss} at step {step}; lower lr")
-            scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            loss_sum += batch_loss * len(idx)
-            hits += int(batch_hits)
-            bar.update(1)
+    run.attach(optimizer, scheduler=scheduler, order_rng=order_rng)
+    start = time.time()
+    for epoch in run.epochs(cfg.epochs, steps_per_epoch):
+        # 4. One epoch of shuffled batches.
+        loss_sum, hits = train_epoch(run, rows, targets, class_weight)
         # 5. Epoch record (training-set loss and accuracy: the held-out test is reranking itself).
         record = {"epoch": epoch, "train_loss": loss_sum / len(rows), "train_accuracy": hits / len(rows)}
-        history.append(record)
-        logger.log(step, {f"rm/{k}": v for k, v in record.items()})
-        bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['train_accuracy']:.3f}")
-    bar.close()
-    logger.close()
-
-    # 6. Save the classifier (an ordinary HF folder: AutoModelForSequenceClassification loads it);
-    # under fsdp2 the shards are gathered first (a collective), rank 0 writes.
-    model.eval()
-    state = full_state_dict(model, dist) if dist.sharded else None
-    path = run_dir / "checkpoints" / "final"
-    result = {"checkpoint": str(path), "history": history, "n": len(rows), "positive_fraction": n_pos / len(rows),
-              "seconds": round(time.time() - start, 1)}
-    if dist.is_main:
-        atomic_save(lambda d: save_hf(model, tokenizer, d, state), path)
-        write_json(run_dir / "result.json", result)
-    dist.barrier()
-    return result
+        run.history.append(record)
+        run.logger.log(run.step, {f"rm/{k}": v for k, v in record.items()})
+        run.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['train_accuracy']:.3f}")
+    # 6. The classifier (an ordinary HF folder) and result.json.
+    return run.finish(n=len(rows), positive_fraction=int((targets == POSITIVE).sum()) / len(rows),
+                      seconds=round(time.time() - start, 1))
 
 
+def class_weights(targets: torch.Tensor, balance: bool) -> torch.Tensor:
+    """Loss weight of each class (indexed by label: 0 wrong, 1 correct): n / (2 n_class) with
+    `balance` when both classes occur, else 1."""
+    n, n_pos = len(targets), int((targets == POSITIVE).sum())
+    if not balance or not 0 < n_pos < n:
+        return torch.ones(2)
+    counts = torch.tensor([n - n_pos, n_pos], dtype=torch.float32)
+    return n / (2 * counts)
+
+
+def train_epoch(run: RewardModelRun, rows: list[list[int]], targets: torch.Tensor,
+                class_weight: torch.Tensor) -> tuple[float, int]:
+    """One pass in the run's shuffled order, each batch split over the processes: the
+    (class-weighted) cross-entropy summed over a process's rows and divided by the weight of the
+    whole batch. Returns (the loss summed over rows, correct predictions) of the epoch."""
+    dist, device = run.dist, run.device
+    loss_sum, hits = 0.0, 0
+    for idx in shuffled_batches(len(rows), run.cfg.batch_size, run.order_rng):
+        batch_weight = float(class_weight[targets[idx]].sum())
+        mine, stand_in = run.share(idx)
+        input_ids, attention_mask = pad_with_mask([rows[i] for i in mine], run.tokenizer.pad_token_id)
+        y = targets[mine].to(device)
+        with autocast(run.amp, device):
+            logits = run.train_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                     use_cache=False).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits, y, weight=class_weight.to(device), reduction="sum")
+        if stand_in:
+            loss = loss * 0.0
+        (loss * dist.world_size / batch_weight).backward()  # DDP averages over ranks: x W restores the sum
+        batch_loss, batch_hits = dist.sum_floats(loss.item() / batch_weight,
+                                                 0.0 if stand_in else float((logits.argmax(-1) == y).sum()))
+        run.optimizer_step(batch_loss, run.model.parameters())
+        loss_sum += batch_loss * len(idx)
+        hits += int(batch_hits)
+    return loss_sum, hits
+
+
+class RewardModelRun(TrainingRun):
+    """The reward model's run on the shared loop: a sequence classifier initialised from
+    `cfg.model` (a new score head), no engine, no evaluation; the result is `checkpoints/final`."""
+
+    unit = "epoch"
+
+    use_trackers = False  # a few records per run: metrics.jsonl holds them
+
+    def __init__(self, cfg: RewardModelConfig, *, key: str, **options):
+        self._key = key  # the config key that names the initial checkpoint, for its error message
+        super().__init__(cfg, "reward model", resumable=False, **options)
+
+    def check_inputs(self) -> None:
+        check_model_source(self.cfg.model, key=self._key)
+
+    def load_models(self) -> None:
+        self.model, self.tokenizer = load_reward_model(self.cfg.model, self.device, self.dtype)
+        if self.cfg.gradient_checkpointing:
+            enable_activation_checkpointing(self.model)
+        self.model.train()
+        self.train_model = wrap(self.model, self.dist)  # DDP, or sharded in place (fsdp2): the optimizer comes after
+
+    def finish(self, **extra) -> dict:
+        """Save the classifier (an ordinary HF folder: AutoModelForSequenceClassification loads it;
+        under fsdp2 the shards are gathered first, a collective), then result.json."""
+        self.model.eval()
+        state, _ = self.weights()
+        path = self.run_dir / "checkpoints" / "final"
+        if self.dist.is_main:
+            atomic_save(lambda d: save_hf(self.model, self.tokenizer, d, state), path)
+        return self.write_result({"checkpoint": str(path), "history": self.history, **extra})

@@ -1,16 +1,18 @@
 """What every online trainer does first in a step: pick the step's questions, sample CoTs for them
-and score each with the task's grader and ReFT's reward. ReFT and Online self-training use it.
+and score each: the task's grader, then the run's rewards (ReFT's correctness score and any
+reward functions or reward model, reftune/rewards/functions.py). ReFT and Online self-training use it.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from reftune.engines.base import Generator, Rollout
-from reftune.rewards.score import RewardSpec, correctness_score
+from reftune.rewards.functions import RewardSet, RewardSource
+from reftune.rewards.score import RewardSpec
 from reftune.tasks import Task
 from reftune.types import Example, Graded
 
@@ -42,19 +44,79 @@ class ScoredRollout:
     graded: list[Graded]
     scores: torch.Tensor
     """(B,) float32 sequence scores."""
+    reward_means: dict[str, float] = field(default_factory=dict)
+    """Per reward function: its mean over the rows it scored (0 when none), and the fraction it scored
+    (`<name>_scored`); logged as `<trainer>/reward/...`."""
 
 
 def sample_and_score(generator: Generator, task: Task, questions: list[Example], samples_per_prompt: int,
-                     temperature: float, top_p: float, max_new_tokens: int, reward: RewardSpec) -> ScoredRollout:
-    """Sample `samples_per_prompt` CoTs per question and score each with `correctness_score`."""
+                     temperature: float, top_p: float, max_new_tokens: int,
+                     reward: RewardSpec | RewardSet) -> ScoredRollout:
+    """Sample `samples_per_prompt` CoTs per question, grade them, and score each with `reward`
+    (a RewardSet, or a RewardSpec: ReFT's correctness score alone)."""
+    rewards = RewardSet.correctness_only(reward) if isinstance(reward, RewardSpec) else reward
     prompts = [task.prompt(ex, for_generation=True) for ex in questions]
     rollout = generator.generate(prompts, num_samples=samples_per_prompt, temperature=temperature, top_p=top_p,
                                  max_new_tokens=max_new_tokens)
     examples = [questions[i] for i in rollout.prompt_index]
     graded = task.grade(rollout.texts, examples)
-    scores = torch.tensor([correctness_score(g, reward) for g in graded], dtype=torch.float32)
-    return ScoredRollout(rollout, examples, graded, scores)
+    fn_prompts, completions, columns = reward_inputs(task, examples, rollout.texts, graded,
+                                                     rollout.ended_with_eos.tolist())
+    totals, means, scored = rewards.score(fn_prompts, completions, columns)
+    reward_means = {**means, **{f"{name}_scored": frac for name, frac in scored.items()}}
+    return ScoredRollout(rollout, examples, graded, torch.tensor(totals, dtype=torch.float32), reward_means)
 
+
+RESERVED_COLUMNS = ("answer", "question", "id", "cot", "options", "prompt_text", "extracted", "correct", "ended")
+
+
+def reward_inputs(task: Task, examples: list[Example], texts: list[str], graded: list[Graded],
+                  ended: list[bool] | None = None) -> tuple[list, list, dict[str, list]]:
+    """(prompts, completions, columns) for reward functions, in TRL's convention (see
+    reftune/rewards/functions.py): message lists with a chat template, text otherwise."""
+    completions = [task.completion_text(ex, t) for ex, t in zip(examples, texts)]
+    if task.uses_chat:
+        prompts = [task.messages(ex) for ex in examples]
+        completions_in = [[{"role": "assistant", "content": c}] for c in completions]
+    else:
+        prompts = [task.prompt(ex, for_generation=True) for ex in examples]
+        completions_in = completions
+    names = dict.fromkeys(k for ex in examples for k in (ex.columns or {}) if k not in RESERVED_COLUMNS)
+    columns = {k: [(ex.columns or {}).get(k) for ex in examples] for k in names}
+    columns.update(answer=[ex.answer for ex in examples], question=[ex.question for ex in examples],
+                   id=[ex.id for ex in examples], cot=[ex.cot for ex in examples],
+                   options=[ex.options for ex in examples], prompt_text=[task.prompt(ex) for ex in examples],
+                   extracted=[g.answer for g in graded], correct=[bool(g.correct) for g in graded],
+                   ended=[bool(e) for e in ended] if ended is not None else [True] * len(examples))
+    return prompts, completions_in, columns
+
+
+def build_rewards(cfg, device: torch.device, dtype: torch.dtype) -> RewardSet:
+    """The run's RewardSet from its `Rewards` section: the reward functions, and the reward model
+    when one is given (loaded once, on `device`)."""
+    sources = cfg.reward_sources()
+    if cfg.reward_model:
+        sources.append(reward_model_source(cfg.reward_model, cfg.reward_model_weight, device, dtype))
+    return RewardSet(sources)
+
+
+def reward_model_source(path: str, weight: float, device: torch.device, dtype: torch.dtype,
+                        batch_size: int = 64, max_length: int = 1024) -> RewardSource:
+    """A trained sequence classifier as a reward function: P(correct) of prompt + completion, read
+    as reranking reads it (reftune/inference/rerank.py)."""
+    from reftune.inference.rerank import load_reward_model, reward_model_path, score_candidates
+    from reftune.model_files import check_model_source
+
+    folder = reward_model_path(path)
+    check_model_source(folder, key="reward_model")
+    rm, rm_tokenizer = load_reward_model(folder, device, dtype)
+    rm.requires_grad_(False)
+
+    def reward_model(prompts, completions, prompt_text, **_) -> list[float]:
+        texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+        return score_candidates(rm, rm_tokenizer, prompt_text, texts, batch_size, max_length).tolist()
+
+    return RewardSource("reward_model", f"reward_model={path}", reward_model, float(weight))
 
 def take_rows(scored: ScoredRollout, rows: list[int]) -> ScoredRollout:
     """Rows `rows` of a scored rollout, in that order: prompts renumbered in order of first use,
@@ -75,7 +137,7 @@ def take_rows(scored: ScoredRollout, rows: list[int]) -> ScoredRollout:
                       pick(ro.response_mask, True), [ro.texts[i] for i in rows], prompt_index, pick(ro.ended_with_eos),
                       pick(ro.sampling_logprobs, True), pick(ro.sampling_values, True))
     return ScoredRollout(rollout, [scored.examples[i] for i in rows], [scored.graded[i] for i in rows],
-                         scored.scores[index])
+                         scored.scores[index], scored.reward_means)
 
 
 def concat_scored(parts: list[ScoredRollout], pad_id: int) -> ScoredRollout:
@@ -94,7 +156,14 @@ def concat_scored(parts: list[ScoredRollout], pad_id: int) -> ScoredRollout:
         offset += max(p.rollout.prompt_index, default=-1) + 1
     return ScoredRollout(dataclasses.replace(rollout, prompt_index=prompt_index),
                          [e for p in parts for e in p.examples], [g for p in parts for g in p.graded],
-                         torch.cat([p.scores for p in parts]))
+                         torch.cat([p.scores for p in parts]), _row_weighted_means(parts))
+
+
+def _row_weighted_means(parts: list[ScoredRollout]) -> dict[str, float]:
+    """The parts' reward means averaged with each part weighted by its rows."""
+    rows = sum(len(p.graded) for p in parts) or 1
+    keys = dict.fromkeys(k for p in parts for k in p.reward_means)
+    return {k: sum(p.reward_means.get(k, 0.0) * len(p.graded) for p in parts) / rows for k in keys}
 
 
 def step_metrics(prefix: str, scored: ScoredRollout, stats: dict[str, list[float]], **values: float) -> dict:
@@ -109,4 +178,5 @@ def step_metrics(prefix: str, scored: ScoredRollout, stats: dict[str, list[float
         f"{prefix}/response_length": float(scored.rollout.response_mask.sum(-1).float().mean()),
         **{f"{prefix}/{k}": v for k, v in values.items()},
         **{f"{prefix}/{k}": sum(v) / len(v) for k, v in stats.items()},
+        **{f"{prefix}/reward/{k}": v for k, v in scored.reward_means.items()},
     }

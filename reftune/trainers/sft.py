@@ -2,6 +2,8 @@
 
 One run gives both models the paper uses: the warm-up model is an early-epoch checkpoint of
 the run, the SFT baseline its best epoch (chosen on the validation split, never on test).
+The run folder, resume, evaluation, checkpoints and distribution are the shared loop's
+(trainers/loop.py); `SFTRun` adds the epochs it keeps and the best one.
 """
 
 from __future__ import annotations
@@ -18,13 +20,12 @@ import torch
 from reftune.models import autocast, save_hf
 from reftune.options import Decoding, Evaluation, Optimizer, Schedule
 from reftune.validate import Checks
-from reftune.runs import atomic_save, progress, write_json
+from reftune.runs import atomic_save
 from reftune.tasks import Example, Task
-from reftune.trainers.checkpoints import restore_sft_state, rng_state, save_sft_state
-from reftune.trainers.distributed import Dist, copy_into, full_state_dict, optimizer_state, scalar
-from reftune.trainers.lora import adapter_state, is_peft, merged_state_dict
-from reftune.trainers.loop import RunConfig, evaluate_split, open_run
-from reftune.trainers.supervised import IGNORE, collate, encode_sft_example, linear_schedule, sft_loss, shuffled_batches
+from reftune.trainers.checkpoints import RESUME_DIR
+from reftune.trainers.loop import Callbacks, PolicyRun, RunConfig
+from reftune.trainers.supervised import IGNORE, collate, encode_task_example, linear_schedule, sft_loss, shuffled_batches
+
 
 @dataclass
 class SFTConfig(Evaluation, Decoding, Schedule, Optimizer, RunConfig):
@@ -57,135 +58,141 @@ class SFTConfig(Evaluation, Decoding, Schedule, Optimizer, RunConfig):
 
 
 def run_sft(cfg: SFTConfig, task: Task | None = None, train_examples: list[Example] | None = None,
-            resume: bool = False, overwrite: bool = False) -> dict:
+            resume: bool = False, overwrite: bool = False, callbacks: Callbacks | None = None) -> dict:
     """Train; returns {"checkpoints": {epoch: path}, "best_epoch", "best_checkpoint", "history"}.
 
     `train_examples` replaces the task's training split (Offline self-training passes gold CoTs
     plus the model's own correct samples). `resume` continues at the last complete epoch with the
     data order, LR schedule, optimizer and RNG state the uninterrupted run would have had (saved
-    after every epoch in `resume/`).
+    after every epoch in `resume/`). `callbacks.on_step_end` is called after each epoch's checkpoint.
     """
     # 1. Config and task checked, run folder, seeds, model, evaluation engine.
     def check_task(task: Task) -> None:
         if not (train_examples if train_examples is not None else task.train):
             raise ValueError(f"task {task.name}: the training split is empty")
 
-    run = open_run(cfg, task=task, engine=cfg.engine, gen_batch_size=cfg.gen_batch_size, check_task=check_task,
-                   resume=resume, overwrite=overwrite, command="sft")
-    task, model, tokenizer, device, amp, run_dir = run.task, run.model, run.tokenizer, run.device, run.amp, run.run_dir
-    examples = train_examples if train_examples is not None else task.train
-    dist, train_model = run.dist, run.train_model  # train_model: `model`, or its data-parallel wrapper
-    model.train()
+    with SFTRun(cfg, task=task, check_task=check_task, resume=resume, overwrite=overwrite, callbacks=callbacks) as run:
+        run.model.train()
 
-    # 2. Tokenise once: (ids, labels) per example.
-    data = [encode_sft_example(tokenizer, task.prompt(ex), task.target(ex), cfg.max_length) for ex in examples]
+        # 2. Tokenise once: (ids, labels) per example.
+        examples = train_examples if train_examples is not None else run.task.train
+        data = [encode_task_example(run.tokenizer, run.task, ex, cfg.max_length) for ex in examples]
 
-    # 3. Optimizer and schedule over the whole run (the warm-up model shares this schedule).
-    steps_per_epoch = math.ceil(len(data) / (cfg.batch_size * cfg.grad_accum))
-    total_steps = steps_per_epoch * cfg.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = linear_schedule(optimizer, total_steps, cfg.warmup_ratio)
-    eval_examples = {"validation": task.validation, "test": task.test, "none": []}[cfg.eval_split]
-    logger = run.logger
-    order_rng = random.Random(cfg.seed)
-    checkpoints, history = {}, []
-    best_epoch, best_acc = None, -1.0
-    step, first_epoch = 0, 1
-    if run.latest:  # the state after the last complete epoch: continue exactly where it stopped
-        first_epoch, step, best_epoch, best_acc, checkpoints, history = restore_sft_state(
-            run.latest[1], model, optimizer, scheduler, order_rng, run.generator, dist)
-    logger.truncate_after(step)
-    bar = progress(total_steps, "sft", disable=not cfg.progress or not dist.is_main)
-    bar.update(step)
-    start = time.time()
-    for epoch in range(first_epoch, cfg.epochs + 1):
-        # 4. One epoch: shuffled micro-batches, token-weighted accumulation, clip, step.
-        micro = shuffled_batches(len(data), cfg.batch_size, order_rng)
-        epoch_loss, epoch_tokens = 0.0, 0
-        for group_start in range(0, len(micro), cfg.grad_accum):
-            indices = micro[group_start:group_start + cfg.grad_accum]
-            # The token count of the whole accumulated batch (every rank holds all the data), so each
-            # rank's share divides by the same number and the ranks' gradients average to one batch's.
-            n_tokens = sum(int((collate([data[i] for i in idx], tokenizer.pad_token_id)["labels"][:, 1:] != IGNORE).sum())
-                           for idx in indices) if dist.enabled else None
-            group = [collate([data[i] for i in rows], tokenizer.pad_token_id)
-                     for rows in (share_rows(idx, dist) for idx in indices)]
-            if n_tokens is None:
-                n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
-            loss_sum = 0.0
-            for batch, idx in zip(group, indices):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with autocast(amp, device):
-                    loss, _ = sft_loss(train_model, batch)
-                if dist.enabled and not dist.uneven_slice(idx):  # no row for this rank: a zero-weight stand-in
-                    loss = loss * 0.0
-                (loss * dist.world_size / max(n_tokens, 1)).backward()
-                loss_sum += loss.item()
-            loss_sum = dist.sum_floats(loss_sum)[0]
-            if not math.isfinite(loss_sum):
-                raise FloatingPointError(f"sft: loss is {loss_sum} at step {step + 1}; lower lr or check the data "
-                                         f"(checkpoints saved so far are intact)")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            lr_used = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            epoch_loss, epoch_tokens = epoch_loss + loss_sum, epoch_tokens + n_tokens
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / max(n_tokens, 1):.3f}", epoch=epoch)
-            if step % cfg.log_every == 0 or step == total_steps:
-                logger.log(step, {"train/loss": loss_sum / max(n_tokens, 1), "train/grad_norm": scalar(grad_norm),
-                                  "train/lr": lr_used, "train/epoch": epoch})
+        # 3. Optimizer and schedule over the whole run (the warm-up model shares this schedule); when
+        # resuming, they, the data order and the RNGs continue where the last complete epoch left them.
+        steps_per_epoch = math.ceil(len(data) / (cfg.batch_size * cfg.grad_accum))
+        optimizer = torch.optim.AdamW(run.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = linear_schedule(optimizer, steps_per_epoch * cfg.epochs, cfg.warmup_ratio)
+        run.attach(optimizer, scheduler=scheduler, order_rng=random.Random(cfg.seed))
+        start = time.time()
+        for epoch in run.epochs(cfg.epochs, steps_per_epoch):
+            # 4. One epoch: shuffled micro-batches, token-weighted accumulation, clip, step.
+            loss, tokens = train_epoch(run, data, epoch)
+            # 5. End of epoch: evaluate, keep the epoch's checkpoint, remember the best epoch, resume state.
+            run.end_epoch(epoch, {"epoch": epoch, "train_loss": loss / max(tokens, 1),
+                                  "elapsed": round(time.time() - start, 1)})
+        # 6. The best epoch among the kept ones (validation accuracy; the last one without eval).
+        return run.finish(seconds=round(time.time() - start, 1))
 
-        # 5. End of epoch: evaluate, checkpoint, remember the best epoch.
-        record = {"epoch": epoch, "train_loss": epoch_loss / max(epoch_tokens, 1), "elapsed": round(time.time() - start, 1)}
-        if dist.sharded:
-            copy_into(run.rollout_model, train_model, dist)
-        run.generator.sync_weights()  # engines with their own copy of the weights evaluate this epoch's
-        if eval_examples:
-            accuracy = evaluate_split(run.generator, task, eval_examples, cfg.eval_max_new_tokens, dist)
+
+def train_epoch(run: SFTRun, data: list[tuple[list[int], list[int]]], epoch: int) -> tuple[float, int]:
+    """One pass over `data` in the run's shuffled order: each optimizer step accumulates
+    `grad_accum` micro-batches. Returns (summed token loss, labelled tokens) of the epoch."""
+    cfg = run.cfg
+    micro = shuffled_batches(len(data), cfg.batch_size, run.order_rng)
+    epoch_loss, epoch_tokens = 0.0, 0
+    for group_start in range(0, len(micro), cfg.grad_accum):
+        loss_sum, n_tokens = accumulate(run, data, micro[group_start:group_start + cfg.grad_accum])
+        grad_norm, lr_used = run.optimizer_step(loss_sum, run.model.parameters())
+        epoch_loss, epoch_tokens = epoch_loss + loss_sum, epoch_tokens + n_tokens
+        run.set_postfix(loss=f"{loss_sum / max(n_tokens, 1):.3f}", epoch=epoch)
+        if run.step % cfg.log_every == 0 or run.step == run.total_steps:
+            run.logger.log(run.step, {"train/loss": loss_sum / max(n_tokens, 1), "train/grad_norm": grad_norm,
+                                      "train/lr": lr_used, "train/epoch": epoch})
+    return epoch_loss, epoch_tokens
+
+
+def accumulate(run: SFTRun, data: list, indices: list[list[int]]) -> tuple[float, int]:
+    """Forwards and backwards of one optimizer step's micro-batches (`indices`: rows of each), each
+    process taking its share of every micro-batch. The token-summed loss is divided by the token
+    count of the whole accumulated batch, so a split never changes the update. Returns (the loss
+    summed over micro-batches and processes, that token count)."""
+    pad_id, dist = run.tokenizer.pad_token_id, run.dist
+    # The token count of the whole accumulated batch (every rank holds all the data), so each
+    # rank's share divides by the same number and the ranks' gradients average to one batch's.
+    n_tokens = sum(labelled(collate([data[i] for i in idx], pad_id)) for idx in indices) if dist.enabled else None
+    shares = [run.share(idx) for idx in indices]
+    group = [collate([data[i] for i in rows], pad_id) for rows, _ in shares]
+    if n_tokens is None:
+        n_tokens = sum(labelled(b) for b in group)
+    loss_sum = 0.0
+    for batch, (_, stand_in) in zip(group, shares):
+        batch = {k: v.to(run.device) for k, v in batch.items()}
+        with autocast(run.amp, run.device):
+            loss, _ = sft_loss(run.train_model, batch)
+        if stand_in:  # no row for this rank: a zero-weight stand-in
+            loss = loss * 0.0
+        (loss * dist.world_size / max(n_tokens, 1)).backward()
+        loss_sum += loss.item()
+    return dist.sum_floats(loss_sum)[0], n_tokens
+
+
+def labelled(batch: dict[str, torch.Tensor]) -> int:
+    """Positions of a collated batch whose next token is trained on."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+class SFTRun(PolicyRun):
+    """SFT's run: the shared loop counted in epochs (loop.py). After every epoch it evaluates on
+    `eval_split`, keeps the epoch as an HF folder `checkpoints/epoch-N` when `save_epochs` names it
+    (or it is the last), and writes the resume state; the best epoch is the best kept one."""
+
+    unit = "epoch"
+
+    def __init__(self, cfg: SFTConfig, **options):
+        super().__init__(cfg, "sft", **options)
+        self.checkpoints: dict[int, str] = {}  # the kept epochs' HF folders
+        self.best_epoch: int | None = None
+
+    def restore_own(self, state: dict) -> None:
+        self.checkpoints = {int(k): v for k, v in state["checkpoints"].items()}
+        self.best_epoch = state["best_epoch"]
+
+    def end_epoch(self, epoch: int, record: dict) -> None:
+        """Engine sync, evaluation (best epoch), the kept epoch's folder, history, log, resume state."""
+        cfg, dist = self.cfg, self.dist
+        self.sync_weights()  # engines with their own copy of the weights evaluate this epoch's
+        if self.eval_examples:
+            accuracy = self.evaluate()
             record[f"{cfg.eval_split}_accuracy"] = accuracy
-            if accuracy > best_acc:
-                best_epoch, best_acc = epoch, accuracy
-        # A collective under fsdp2; with LoRA the merged weights, so every epoch folder is a plain model.
-        policy_state = merged_state_dict(model, device="cpu") if is_peft(model) else full_state_dict(model, dist) if dist.sharded else None
+            if accuracy > self.best_accuracy:
+                self.best_epoch, self.best_accuracy = epoch, accuracy
+        states = self.weights()  # (a collective under fsdp2)
+        kept = None
         if not cfg.save_epochs or epoch in cfg.save_epochs or epoch == cfg.epochs:
-            path = run_dir / "checkpoints" / f"epoch-{epoch}"
+            kept = self.run_dir / "checkpoints" / f"epoch-{epoch}"
             if dist.is_main:
-                atomic_save(lambda d: save_hf(model, tokenizer, d, policy_state), path)
-            checkpoints[epoch] = str(path)
-        history.append(record)
-        logger.log(step, {f"epoch/{k}": v for k, v in record.items()})
-        # The resume state: AdamW's (gathered under fsdp2: a collective), every rank's RNG, a LoRA adapter.
-        optim, rngs = optimizer_state(model, optimizer, dist), dist.gather(rng_state(run.generator))
+                atomic_save(lambda d: save_hf(self.model, self.tokenizer, d, states[0]), kept)
+            self.checkpoints[epoch] = str(kept)
+        self.epoch = epoch
+        self.history.append(record)
+        self.logger.log(self.step, {f"epoch/{k}": v for k, v in record.items()})
+        # The resume state's weights are hard links to the kept epoch's files.
+        self.save_checkpoint(RESUME_DIR, states=states, policy_from=kept,
+                             own={"checkpoints": dict(self.checkpoints), "best_epoch": self.best_epoch})
         if dist.is_main:
-            save_sft_state(run_dir, model, tokenizer, epoch=epoch, step=step, optimizer_state=optim,
-                           scheduler=scheduler, order_rng=order_rng, rngs=rngs, history=history,
-                           checkpoints=checkpoints, best_epoch=best_epoch, best_acc=best_acc,
-                           policy_state=policy_state, adapter=adapter_state(model) if is_peft(model) else None)
-        dist.barrier()
-        if dist.is_main:
-            bar.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
-                      file=sys.stderr)
-    bar.close()
-    logger.close()
+            self._bar.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
+                            file=sys.stderr)
+        if self.callbacks.on_step_end:
+            self.callbacks.on_step_end(epoch, record)
 
-    # 6. The best epoch among the saved ones (validation accuracy; the last one without eval).
-    saved = [e for e in checkpoints]
-    if best_epoch not in checkpoints:
-        scored = [(r.get(f"{cfg.eval_split}_accuracy", -1), r["epoch"]) for r in history if r["epoch"] in saved]
-        best_epoch = max(scored)[1] if eval_examples else max(saved)
-    result = {"checkpoints": checkpoints, "best_epoch": best_epoch, "best_checkpoint": checkpoints[best_epoch],
-              "history": history, "seconds": round(time.time() - start, 1)}
-    if dist.is_main:
-        write_json(run_dir / "result.json", result)
-        run.folder.release()
-    dist.barrier()
-    return result
-
-
-def share_rows(batch: list[int], dist: Dist) -> list[int]:
-    """This rank's rows of a micro-batch; a rank left without any (a last batch smaller than the
-    world) runs the first row as a zero-weight stand-in, since every rank must take part in backward."""
-    return dist.uneven_slice(batch) or batch[:1]
+    def finish(self, **extra) -> dict:
+        """result.json: the kept epochs, the best of them (validation accuracy; without evaluation
+        the last), history, `extra`."""
+        best = self.best_epoch
+        if best not in self.checkpoints:
+            scored = [(r.get(f"{self.cfg.eval_split}_accuracy", -1), r["epoch"]) for r in self.history
+                      if r["epoch"] in self.checkpoints]
+            best = max(scored)[1] if self.eval_examples else max(self.checkpoints)
+        return self.write_result({"checkpoints": self.checkpoints, "best_epoch": best,
+                                  "best_checkpoint": self.checkpoints[best], "history": self.history, **extra})

@@ -9,20 +9,30 @@ import random
 import torch
 
 from reftune.batching import pad, pad_with_mask
+from reftune.models import encode_prompt
 
 IGNORE = -100  # label value that cross-entropy skips: prompt and padding positions
 
 
-def encode_sft_example(tokenizer, prompt: str, target: str, max_length: int) -> tuple[list[int], list[int]]:
+def encode_sft_example(tokenizer, prompt: str, target: str, max_length: int,
+                       append_eos: bool = True) -> tuple[list[int], list[int]]:
     """Token ids of prompt + target + EOS and labels with the prompt masked out (IGNORE).
 
     The loss falls on the CoT and the EOS only, as in the paper; the model must learn to stop.
+    `append_eos=False` for a target that already ends its turn (a chat template's end-of-turn token).
     """
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt_ids = encode_prompt(tokenizer, prompt)  # as the engines feed it (the tokenizer's BOS where it adds one)
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if append_eos else [])
     ids = (prompt_ids + target_ids)[:max_length]
     labels = ([IGNORE] * len(prompt_ids) + target_ids)[:max_length]
     return ids, labels
+
+
+def encode_task_example(tokenizer, task, ex, max_length: int, cot: str | None = None) -> tuple[list[int], list[int]]:
+    """`encode_sft_example` of `cot` (default: the gold CoT) as the answer to `ex`, with the task's
+    prompt builder (`Task.training_pair`): with a chat template the loss covers the assistant turn only."""
+    prompt, target, append_eos = task.training_pair(ex, cot)
+    return encode_sft_example(tokenizer, prompt, target, max_length, append_eos)
 
 
 def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
