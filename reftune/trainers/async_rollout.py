@@ -1,11 +1,12 @@
 """Rollouts that overlap training (`max_staleness` = N >= 1): a second process samples the next
 steps' CoTs while this one updates the policy.
 
-    source = start_rollouts(run, cfg)        # spawns the rollout process; run.rollout_source = source
+    source = start_rollouts(cfg, run, rewards)   # spawns the rollout process; run.rollout_source = source
     for step in run.steps():
-        stale = source.next(step, run.questions(step))   # rollout `step`, scored, sampled N steps ago
+        got = source.next(step, run.questions(step))   # rollout `step`, scored, sampled N steps ago
         ...  # proximal pass, decoupled PPO (behaviour_weights), update
-        run.end_step(step, metrics)          # its checkpoint holds the rollouts still in flight
+        run.end_step(step, metrics)              # its checkpoint holds the rollouts still in flight
+    source.close()                               # (reft.run_reft: in a `finally`)
 
 Which weights sample which step: the rollout of step s is sampled with the policy after
 max(0, s - N) updates (theta_{s-N}) and with a generator seeded from (seed, s, rank), so what a
@@ -344,6 +345,7 @@ def start_rollouts(cfg, run, rewards) -> AsyncRolloutSource:
     rollouts its checkpoint had in flight when resuming; this process keeps the threads the rollout
     process does not take."""
     if run.device.type != "cpu":
+        run.release()  # (the run's loop has not started: nothing else lets go of the folder)
         raise ValueError(f"max_staleness={cfg.max_staleness} samples ahead on the CPU, and this run trains on "
                          f"{run.device}: set device=cpu or max_staleness=0")
     saved = None
