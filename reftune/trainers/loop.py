@@ -485,6 +485,8 @@ class OnlineRun(PolicyRun):
     """The step loop of ReFT and Online-ST around the trainer's own work (see the module doc)."""
 
     seeded_sampler = True
+    rollout_source = None
+    """A source sampling ahead (async_rollout), set by the trainer: checkpoints hold its rollouts in flight."""
 
     def __init__(self, cfg: OnlineConfig, name: str, *, resume: bool = False, task: Task | None = None,
                  callbacks: Callbacks | None = None, overwrite: bool = False, command: str | None = None):
@@ -538,7 +540,9 @@ class OnlineRun(PolicyRun):
         if postfix:
             self._bar.set_postfix(**postfix)
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-            self.save_checkpoint(f"checkpoints/step-{done:06d}", keep_last=1)
+            in_flight = self.dist.gather(self.rollout_source.state_dict()) if self.rollout_source is not None else None
+            self.save_checkpoint(f"checkpoints/step-{done:06d}", keep_last=1,
+                                 own={"rollouts_in_flight": in_flight} if in_flight is not None else None)
         if self.callbacks.on_step_end:
             self.callbacks.on_step_end(done, metrics)
 

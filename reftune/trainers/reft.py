@@ -27,6 +27,7 @@ from reftune.options import Rewards
 from reftune.tasks import Task
 from reftune.trainers import algorithms as A
 from reftune.trainers.advantages import Estimator, get_estimator
+from reftune.trainers.async_rollout import correct_for_staleness, start_rollouts, validate_staleness
 from reftune.trainers.batch_layout import BatchLayout, shuffled_groups  # noqa: F401  (shuffled_groups: re-exported)
 from reftune.trainers.distributed import gradient_sync, scalar
 from reftune.trainers.lora import reference_mode
@@ -94,6 +95,12 @@ class ReFTConfig(Rewards, OnlineConfig):
     """overlong=shape: the penalty subtracted from the score of a response of max_new_tokens tokens."""
     engine_old_logprobs: bool = False
     """Take PPO's old log-probs and values from the engine's own decoding passes where it computes them (engine=static; not under mixed precision or fsdp2) instead of one more no-grad pass."""
+    max_staleness: int = 0
+    """Steps a rollout may lag the policy it trains: 0 samples each step when it starts (the paper); N >= 1 samples N steps ahead in a second CPU process while updates run (docs/async.md)."""
+    rollout_threads: int = 0
+    """max_staleness > 0: CPU threads of the rollout process (0: half of this process's; the trainer keeps the rest)."""
+    staleness_weight_cap: float = 2.0
+    """max_staleness > 0: each sampled token's importance weight pi_proximal / pi_behaviour is truncated at this (decoupled PPO)."""
     micro_batch_size: int = 0
     """Rows per forward and backward within each process's share of a mini-batch, gradients accumulated over them (0: the whole share at once); the same update to float rounding."""
     critic_warmup_steps: int = 0
@@ -141,6 +148,7 @@ class ReFTConfig(Rewards, OnlineConfig):
             c.fail("mini_batch_size", f"is larger than the rollout batch (questions_per_step * samples_per_prompt = "
                                       f"{self.questions_per_step * self.samples_per_prompt})")
         self._validate_refinements(c)
+        validate_staleness(self, c)
 
     def _validate_refinements(self, c) -> None:
         """The options beyond the paper, alone and in combination (docs/algorithms.md)."""
@@ -272,6 +280,7 @@ def run_reft(cfg: ReFTConfig, resume: bool = False, task: Task | None = None,
                 if not math.isfinite(trained["kl"]):
                     run.fail("KL to the reference", trained["kl"], step)
                 estimate_advantages(batch, cfg, kl_coef, reduce)                          # 3. advantages
+                trained.update(correct_for_staleness(batch, cfg.staleness_weight_cap))    # (sampled ahead)
                 stats = ppo_update(batch, learner, layout, cfg, kl_coef, step, run)       # 4. update
             metrics = reft_metrics(got, batch, learner, stats, **trained, seconds=time.time() - t0,  # 5. metrics
                                    seconds_generate=t_gen)
@@ -313,8 +322,11 @@ def build_learner(cfg: ReFTConfig, run: OnlineRun) -> Learner:
 
 def rollout_source(cfg: ReFTConfig, run: OnlineRun) -> RolloutSource:
     """Synchronous sampling of each step's questions, scored by the run's rewards (correctness,
-    reward functions, a reward model), with dynamic sampling around it when asked."""
+    reward functions, a reward model), with dynamic sampling around it when asked; or, with
+    max_staleness, sampled ahead in a second process (async_rollout)."""
     rewards = build_rewards(cfg, run.device, next(run.model.parameters()).dtype)
+    if cfg.max_staleness:
+        return start_rollouts(cfg, run, rewards)
 
     def sample(questions) -> ScoredRollout:
         return sample_and_score(run.generator, run.task, questions, cfg.samples_per_prompt, cfg.temperature,
@@ -343,7 +355,8 @@ def make_batch(got: StepRollout, step: int, cfg: ReFTConfig, device: torch.devic
         lengths = response_mask.sum(-1).to(device)
         scores = scores + A.overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
     return ReFTBatch(ro.input_ids, ro.attention_mask, ro.response_ids, response_mask, loss_mask, scores,
-                     ro.prompt_ids.shape[1], step, got.policy_step, ro.sampling_logprobs, ro.sampling_values)
+                     ro.prompt_ids.shape[1], step, got.policy_step, ro.sampling_logprobs, ro.sampling_values,
+                     ref_logprobs=getattr(got.scored, "ref_logprobs", None))  # sampled ahead: computed there
 
 
 @torch.no_grad()
@@ -362,11 +375,12 @@ def score_batch(batch: ReFTBatch, learner: Learner, cfg: ReFTConfig, layout: Bat
             batch.old_logprobs, batch.old_values, _ = policy_forward(
                 learner.policy, learner.critic, batch.input_ids, batch.attention_mask, batch.response_ids, P,
                 cfg.temperature, cfg.logprob_chunk_size, group_size=share)
-        with reference_mode(learner.ref_model), frozen_forward(learner.ref_model is not learner.model):
-            ref_logprobs, _, _ = policy_forward(learner.ref_model, None, batch.input_ids, batch.attention_mask,
-                                                batch.response_ids, P, cfg.temperature, cfg.logprob_chunk_size,
-                                                group_size=share)
-        batch.ref_logprobs = ref_logprobs.clone()  # a normal tensor: an inference one cannot be saved for backward
+        if batch.ref_logprobs is None:
+            with reference_mode(learner.ref_model), frozen_forward(learner.ref_model is not learner.model):
+                ref_logprobs, _, _ = policy_forward(learner.ref_model, None, batch.input_ids, batch.attention_mask,
+                                                    batch.response_ids, P, cfg.temperature, cfg.logprob_chunk_size,
+                                                    group_size=share)
+            batch.ref_logprobs = ref_logprobs.clone()  # a normal tensor: an inference one cannot be saved for backward
         batch.kl = A.kl_penalty(batch.old_logprobs, batch.ref_logprobs, cfg.kl_estimator)
 
 
