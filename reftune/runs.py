@@ -537,6 +537,20 @@ def progress(total: int, desc: str, disable: bool = False):
                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
 
 
+def begin_resumable(folder: RunFolder, cfg, free: tuple[str, ...], what: str, overwrite: bool) -> Path:
+    """Begin a claimed folder that a rerun with the same settings resumes: settings other than the
+    `free` ones that differ from the earlier run's are refused (naming them) unless `overwrite`,
+    which starts the folder again. `what` names the earlier run ("a comparison")."""
+    changed = config_changes(folder.path, cfg, free)
+    if changed and not overwrite:
+        raise RunFolderError(f"{folder.path} holds {what} with other settings ({', '.join(changed)} differ): rerun "
+                             f"with the same settings to resume it, choose another out_dir, or pass --overwrite to "
+                             f"replace it")
+    if overwrite:
+        folder.clear()
+    return folder.begin(cfg)
+
+
 def config_changes(run_dir: Path, cfg, ignore: tuple[str, ...] = ()) -> list[str] | None:
     """Keys whose value differs between `cfg` and the config.yaml an earlier run left in `run_dir`
     (None when there is none). A config.yaml that cannot be read counts as different everywhere."""

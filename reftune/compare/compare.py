@@ -139,7 +139,7 @@ def run_compare(cfg: CompareConfig, task: Task | None = None, rm_records: list[d
     from reftune.model_files import check_model_source
     from reftune.models import load_tokenizer
     from reftune.prompt_guard import guard_prompts, model_context
-    from reftune.runs import RunFolderError, claim_run, config_changes
+    from reftune.runs import begin_resumable, claim_run
     from reftune.tasks import load_task
 
     # 1. Config, task, every checkpoint and the prompt lengths checked before the folder is claimed.
@@ -165,14 +165,7 @@ def run_compare(cfg: CompareConfig, task: Task | None = None, rm_records: list[d
                                                           default=None), cfg.data, splits)
     folder = claim_run(cfg.out_dir, "reftune compare")
     try:
-        changed = config_changes(folder.path, cfg, RESUME_FREE)
-        if changed and not overwrite:
-            raise RunFolderError(f"{folder.path} holds a comparison with other settings ({', '.join(changed)} differ): "
-                                 f"rerun with the same settings to resume it, choose another out_dir, or pass "
-                                 f"--overwrite to replace it")
-        if overwrite:
-            folder.clear()
-        folder.begin(cfg)
+        begin_resumable(folder, cfg, RESUME_FREE, "a comparison", overwrite)
         return _compare(cfg, task, rm_records)
     finally:
         folder.release()

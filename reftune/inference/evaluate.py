@@ -83,6 +83,22 @@ class ModelOnSplit(Runtime):
         Checks(self, prefix).str("model").choice("split", EVAL_SPLITS)
         self.data.validate(prefix + "data.")
 
+    def checked_task(self):
+        """(task, tokenizer) once the config, the split, the model files and the prompt lengths are
+        checked: what a command knows before it touches its folder."""
+        from reftune.model_files import check_model_source
+        from reftune.models import load_tokenizer
+        from reftune.prompt_guard import guard_prompts, model_context
+        from reftune.tasks import load_task
+
+        self.validate()
+        task = load_task(self.data)
+        if not getattr(task, self.split):
+            raise ValueError(f"task {task.name}: the {self.split} split is empty")
+        check_model_source(self.model)
+        tokenizer = load_tokenizer(self.model)
+        return guard_prompts(task, tokenizer, model_context(self.model), self.data, (self.split,)), tokenizer
+
 
 @dataclass
 class EvalConfig(SampleCount, Sampling, ModelOnSplit):
@@ -108,20 +124,11 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False) -> dict:
     out_dir; with k > 1 also `{split}_samples.jsonl` and pass@1..k in the summary. Earlier predictions of that split, or an earlier eval of another model or data in
     the folder, are never replaced without `overwrite` (then atomically)."""
     from reftune.engines import make_generator
-    from reftune.model_files import check_model_source
-    from reftune.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
-    from reftune.prompt_guard import guard_prompts, model_context
+    from reftune.models import load_causal_lm, resolve_device, resolve_dtype
     from reftune.runs import RunFolderError, claim_run, config_changes
-    from reftune.tasks import load_task
 
     # 1. Everything checked before the folder is touched: config, task, split, model files, prompts.
-    cfg.validate()
-    task = load_task(cfg.data)
-    if not getattr(task, cfg.split):
-        raise ValueError(f"task {task.name}: the {cfg.split} split is empty")
-    check_model_source(cfg.model)
-    tokenizer = load_tokenizer(cfg.model)
-    task = guard_prompts(task, tokenizer, model_context(cfg.model), cfg.data, (cfg.split,))
+    task, tokenizer = cfg.checked_task()
     with claim_run(cfg.out_dir, "reftune eval") as folder:
         outputs = [n for n in (f"{cfg.split}_predictions.jsonl", f"{cfg.split}_summary.json")
                    if (folder.path / n).exists()]

@@ -170,22 +170,13 @@ def run_sample(cfg: SampleConfig, overwrite: bool = False) -> dict:
     A rerun with the same settings resumes the file; other settings are refused unless
     `overwrite` (then the file is started again)."""
     from reftune.engines import make_generator
-    from reftune.model_files import check_model_source
-    from reftune.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
-    from reftune.prompt_guard import guard_prompts, model_context
+    from reftune.models import load_causal_lm, resolve_device, resolve_dtype
     from reftune.runs import RunFolderError, claim_run, note, write_json
-    from reftune.tasks import load_task
     from reftune.inference.voting import voting_accuracy
 
     # 1. Config, task, split, model files and prompt lengths checked; then the folder is claimed
     # (a rerun into the same folder resumes, if it samples the same way).
-    cfg.validate()
-    task = load_task(cfg.data)
-    if not getattr(task, cfg.split):
-        raise ValueError(f"task {task.name}: the {cfg.split} split is empty")
-    check_model_source(cfg.model)
-    tokenizer = load_tokenizer(cfg.model)
-    task = guard_prompts(task, tokenizer, model_context(cfg.model), cfg.data, (cfg.split,))
+    task, tokenizer = cfg.checked_task()
     examples = getattr(task, cfg.split)
     folder = claim_run(cfg.out_dir, "reftune sample")
     try:

@@ -111,7 +111,7 @@ def run_offline_st(cfg: OfflineSTConfig, task: Task | None = None, samples: list
     from reftune.model_files import check_model_source
     from reftune.models import load_tokenizer
     from reftune.prompt_guard import guard_prompts, model_context
-    from reftune.runs import RunFolderError, claim_run, config_changes
+    from reftune.runs import begin_resumable, claim_run
     from reftune.tasks import load_task
 
     # 1. Config, task, models and the samples file checked; then the run folder is claimed. A rerun
@@ -130,14 +130,7 @@ def run_offline_st(cfg: OfflineSTConfig, task: Task | None = None, samples: list
         raise FileNotFoundError(f"offline-st: samples file not found: {cfg.samples}")
     folder = claim_run(cfg.out_dir, "reftune offline-st")
     try:
-        changed = config_changes(folder.path, cfg, RESUME_FREE)
-        if changed and not overwrite:
-            raise RunFolderError(f"{folder.path} holds an offline-st run with other settings ({', '.join(changed)} "
-                                 f"differ): rerun with the same settings to resume it, choose another out_dir, or "
-                                 f"pass --overwrite to replace it")
-        if overwrite:
-            folder.clear()
-        run_dir = folder.begin(cfg)
+        run_dir = begin_resumable(folder, cfg, RESUME_FREE, "an offline-st run", overwrite)
         result = _offline_st_stages(cfg, task, samples, run_dir, sample_here)
     finally:
         folder.release()
