@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,7 +333,7 @@ class BackgroundStage:
 
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_stage_main, args=(child_conn, fn, args), daemon=True)
+        self._proc = ctx.Process(target=_stage_main, args=(child_conn, fn, args, os.getpid()), daemon=True)
         self._proc.start()
         child_conn.close()
         self.pid = self._proc.pid
@@ -360,7 +362,10 @@ class BackgroundStage:
         self._conn.close()
 
 
-def _stage_main(conn, fn, args) -> None:
+def _stage_main(conn, fn, args, parent: int) -> None:
+    # `daemon` ends it when the demo exits normally; a demo killed by a signal must not leave it
+    # training for the rest of the hour.
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     try:
         conn.send((True, fn(*args)))
     except BaseException as e:  # noqa: BLE001  (sent to the parent, which raises it)
@@ -370,6 +375,14 @@ def _stage_main(conn, fn, args) -> None:
             conn.send((False, RuntimeError(f"{type(e).__name__}: {e}")))
     finally:
         conn.close()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this process once `parent` is gone (it is then re-parented): its run folder keeps the
+    last checkpoint, so the stage resumes where it stopped."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def write_demo_report(out: Path, summary: dict, sft_history: list[dict], reft_history: list[dict]) -> Path:

@@ -1,0 +1,41 @@
+"""The demo's background stage (ReFT in a second process) never outlives the demo."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+SCRIPT = """
+import time
+from reftune.demo import BackgroundStage
+stage = BackgroundStage(time.sleep, 600)
+print(stage.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is gone for our purpose
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_a_killed_demo_takes_its_background_stage_with_it():
+    demo = subprocess.Popen([sys.executable, "-c", SCRIPT], stdout=subprocess.PIPE, text=True)
+    try:
+        stage_pid = int(demo.stdout.readline())
+        assert _alive(stage_pid)
+        demo.send_signal(signal.SIGKILL)  # no clean-up in the demo at all
+        demo.wait()
+        deadline = time.monotonic() + 30
+        while _alive(stage_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(stage_pid), "the ReFT stage kept running after the demo was killed"
+    finally:
+        demo.kill()
