@@ -28,6 +28,7 @@ def _alive(pid: int) -> bool:
 
 def test_a_killed_demo_takes_its_background_stage_with_it():
     demo = subprocess.Popen([sys.executable, "-c", SCRIPT], stdout=subprocess.PIPE, text=True)
+    stage_pid = None
     try:
         stage_pid = int(demo.stdout.readline())
         assert _alive(stage_pid)
@@ -39,3 +40,5 @@ def test_a_killed_demo_takes_its_background_stage_with_it():
         assert not _alive(stage_pid), "the ReFT stage kept running after the demo was killed"
     finally:
         demo.kill()
+        if stage_pid is not None and _alive(stage_pid):  # a failed check must not leave it sleeping
+            os.kill(stage_pid, signal.SIGKILL)
