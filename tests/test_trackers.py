@@ -184,7 +184,7 @@ def tensorboard_steps(run_dir: Path, tag: str) -> list[int]:
 
 # ----------------------------------------------------------------------------- choosing trackers
 
-def test_report_to_names_none_all_and_the_deprecated_alias(capfd):
+def test_report_to_names_none_all_and_the_deprecated_alias(capfd, monkeypatch):
     assert resolve_report_to(["tensorboard"]) == ["tensorboard"]
     assert resolve_report_to("wandb") == ["wandb"]
     assert resolve_report_to(["jsonl", "mlflow", "mlflow"]) == ["mlflow"]  # JSONL is always on; repeats dropped
@@ -201,6 +201,9 @@ def test_report_to_names_none_all_and_the_deprecated_alias(capfd):
     with pytest.raises(ConfigError, match=r"expected a list|is not a"):
         load_config(ReFTConfig, None, ["report_to=[1]"])
     capfd.readouterr()
+    import reftune.trackers
+
+    monkeypatch.setattr(reftune.trackers, "_noted", set())  # the note is said once per process: earlier tests said it
     cfg = load_config(ReFTConfig, None, ["model=m", "tensorboard=false"])
     assert check_report_to(cfg) == []
     assert "tensorboard=false is deprecated: use report_to" in capfd.readouterr().err
