@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from reftune.sandbox import ExecResult, ProgramExecutor
+from sandbox_support import children_of
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = "def solution():\n    return 41 + 1\n"
@@ -36,19 +37,6 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead (its reaper's business)
     except FileNotFoundError:
         return False
-
-
-def children_of(pids) -> list[int]:
-    out = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) in pids and fields[0] != "Z":
-            out.append(int(entry))
-    return out
 
 
 def wait_until(condition, seconds: float = 5.0) -> bool:
