@@ -12,8 +12,11 @@ the order reversed every other repeat, so background load hits all alike. The fi
 the median wall time between consecutive steps' log records after the first two (everything a
 step costs: rollout or waiting for it, passes, update, weight push); samples/s = 128 / that.
 Printed: per setting the median over repeats, its ratio to the first setting, and the split of
-the median iteration: the trainer's wait for its rollout and its own work, and (async) what the
-rollout process spent sampling and on the reference pass. Before each measurement the bench
+the median iteration: the trainer's rollout time (sync: sampling and scoring; async: waiting for
+the rollout process), its own work and its CPU seconds (all its threads), and (async) what the
+rollout process spent sampling, on the reference pass, and its CPU seconds. CPU seconds are what
+a step's work costs even when other jobs share the cores (wall times are not: with one core taken
+by another job, two processes of one thread each share the other). Before each measurement the bench
 waits (up to --wait-minutes) for the 1-minute load average to drop below --max-load, and prints
 the load seen with every figure.
 
@@ -38,18 +41,22 @@ CACHE = ROOT / "runs" / "bench-cache" / "demo-warmup"
 
 # One measurement, in a fresh interpreter: argv = warmup, out, steps, max_staleness, rollout_threads.
 CHILD = r'''
-import dataclasses, json, os, statistics, sys
+import dataclasses, json, os, statistics, sys, time
 from reftune.runtime import configure_threads
 configure_threads(0)  # OMP_NUM_THREADS from the bench: the threads of this process
 warmup, out, steps, staleness, rollout_threads = sys.argv[1:6]
 from reftune.demo import _demo_data, _demo_reft
 from reftune.tasks import load_task
+from reftune.trainers.loop import Callbacks
 from reftune.trainers.reft import run_reft
+cpu = []  # this process's CPU seconds at each step's end
 cfg = dataclasses.replace(_demo_reft(), model=warmup, data=_demo_data(), out_dir=out, steps=int(steps), eval_every=0,
                           save_every=10**6, progress=False, tensorboard=False, max_staleness=int(staleness),
                           rollout_threads=int(rollout_threads))
-run_reft(cfg, task=load_task(cfg.data))
+run_reft(cfg, task=load_task(cfg.data), callbacks=Callbacks(on_step_end=lambda done, m: cpu.append(time.process_time())))
 rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+for row, a, b in zip(rows[1:], cpu, cpu[1:]):
+    row["trainer_cpu"] = b - a
 print("RESULT " + json.dumps({"rows": cfg.questions_per_step * cfg.samples_per_prompt, "records": rows}))
 '''
 
@@ -118,7 +125,8 @@ def summarize(records: list[dict], rows: int) -> dict:
     wait, own = med("reft/seconds_generate"), med("reft/seconds") - med("reft/seconds_generate")
     return {"wall": wall, "samples_per_s": rows / wall, "wait": wait, "trainer": own,
             "rollout_generate": med("reft/seconds_rollout_generate"),
-            "rollout_reference": med("reft/seconds_rollout_reference")}
+            "rollout_reference": med("reft/seconds_rollout_reference"),
+            "trainer_cpu": med("trainer_cpu"), "rollout_cpu": med("reft/seconds_rollout_cpu")}
 
 
 def main() -> None:
@@ -153,8 +161,8 @@ def main() -> None:
 
 
 def report(settings: list[dict], results: dict[str, list[dict]]) -> None:
-    print(f"\n{'setting':10s} {'s/step':>7s} {'samples/s':>9s} {'vs first':>8s} | trainer: {'wait':>5s} {'own':>5s} | "
-          f"rollout process: {'sample':>6s} {'ref':>5s} | loads")
+    print(f"\n{'setting':10s} {'s/step':>7s} {'samples/s':>9s} {'vs first':>8s} | trainer: {'rollout':>7s} {'own':>5s} "
+          f"{'cpu':>5s} | rollout process: {'sample':>6s} {'ref':>5s} {'cpu':>5s} | loads")
     base = None
     for s in settings:
         runs = sorted(results[s["name"]], key=lambda x: x["wall"])
@@ -162,9 +170,9 @@ def report(settings: list[dict], results: dict[str, list[dict]]) -> None:
         speed = statistics.median(x["samples_per_s"] for x in runs)
         base = base or speed
         loads = " ".join(f"{x['load']:.2f}" for x in results[s["name"]])
-        print(f"{s['name']:10s} {mid['wall']:7.3f} {speed:9.1f} {speed / base:7.2f}x | trainer: {mid['wait']:5.2f} "
-              f"{mid['trainer']:5.2f} | rollout process: {mid['rollout_generate']:6.2f} {mid['rollout_reference']:5.2f} "
-              f"| {loads}")
+        print(f"{s['name']:10s} {mid['wall']:7.3f} {speed:9.1f} {speed / base:7.2f}x | trainer: {mid['wait']:7.2f} "
+              f"{mid['trainer']:5.2f} {mid['trainer_cpu']:5.2f} | rollout process: {mid['rollout_generate']:6.2f} "
+              f"{mid['rollout_reference']:5.2f} {mid['rollout_cpu']:5.2f} | {loads}")
 
 
 if __name__ == "__main__":

@@ -489,7 +489,7 @@ class RolloutWorker:
         torch.manual_seed(seed)  # engines that draw from torch's global generator (hf)
         if getattr(self.engine, "rng", None) is not None:
             self.engine.rng.manual_seed(seed)
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.process_time()
         ro = self.engine.generate(prompts, num_samples=s.samples_per_prompt, temperature=s.temperature,
                                   top_p=s.top_p, max_new_tokens=s.max_new_tokens)
         if ro.sampling_logprobs is None:  # an engine that reports none: the behaviour policy's own pass
@@ -498,7 +498,7 @@ class RolloutWorker:
         ref = self._logprobs(self.ref, ro) if self.ref is not None else None
         fields = {f.name: getattr(ro, f.name) for f in dataclasses.fields(ro)}
         return {"step": step, "policy_step": policy_step, "rollout": fields, "ref_logprobs": ref,
-                "seconds": {"generate": t1 - t0, "reference": time.time() - t1}}
+                "seconds": {"generate": t1 - t0, "reference": time.time() - t1, "cpu": time.process_time() - cpu0}}
 
     def _logprobs(self, model, ro: Rollout) -> Tensor:
         from reftune.trainers.policy import policy_forward
