@@ -15,6 +15,14 @@ so do where SFT ends and how far ReFT gets. Default: `fp32 fp32-avx2`, the two t
 also goes to `OUT/study.md` and `OUT/study.json`, with the machine's CPU model, core count and bf16
 features, so the README can show exactly what was run.
 
+`--variants NAME:key=value,key=value ...` then trains ReFT again from each seed's warm-up
+checkpoint (the `fp32` demo run of that seed, run first if missing) once per variant, with the
+demo's ReFT settings and those overrides (`reft.*` keys), one thread each, and evaluates the best
+checkpoint on validation on the test split as the demo does: the table gives, per variant and
+seed, the best validation accuracy, test accuracy, ReFT - SFT on both, and ReFT's CPU seconds
+(the process and its children: rollout process, sandbox). The demo run's own ReFT is the
+`default` row. Variants go to `OUT/variants/<name>-seed-N`, finished ones are read back.
+
 Finished runs (a `summary.json` in their folder) are read back, not re-run: a study continues
 where it stopped; delete a half-finished run's folder to redo it. `--jobs 2` runs two demos at once
 with one thread each (about 1.7x the throughput on 2 cores, but each run's wall time is then a
@@ -30,6 +38,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -75,6 +84,120 @@ def run_one(out: Path, seed: int, path: str, overrides: list[str], baselines: bo
     return json.loads(summary.read_text())
 
 
+def run_variant(base: Path, out: Path, seed: int, overrides: list[str]) -> dict:
+    """ReFT with `overrides` from the warm-up of the demo run in `base`, then its test accuracy."""
+    result = out / "result.json"
+    if not result.exists():
+        log = out.with_suffix(".log")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"[study] {out.name}: {' '.join(overrides)} (log: {log})", flush=True)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        with open(log, "w") as fh:
+            rc = subprocess.call([sys.executable, __file__, "--variant-child", str(base), str(out), str(seed),
+                                  *overrides], stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        if rc != 0:
+            raise SystemExit(f"[study] {out.name} failed; see {log}")
+    return json.loads(result.read_text())
+
+
+def variant_child(base: Path, out: Path, seed: int, overrides: list[str]) -> None:
+    """In a fresh process: the demo's step 3 with `overrides`, then step 6's greedy test accuracy."""
+    import resource
+
+    import torch
+
+    from reftune.config import load_config
+    from reftune.demo import DemoConfig, reft_stage_config, seeded
+    from reftune.inference.evaluate import EvalConfig, run_eval
+    from reftune.tasks import load_task
+    from reftune.trainers.reft import run_reft
+
+    torch.set_num_threads(1)
+    cfg = seeded(load_config(DemoConfig, None, [f"seed={seed}", "threads=1", "reft.progress=false", *overrides]))
+    cfg.validate()
+    task = load_task(cfg.data)
+    start = time.time()
+    reft = run_reft(reft_stage_config(cfg, str(base / "sft" / "checkpoints" / f"epoch-{cfg.warmup_epoch}"), out),
+                    task=task)
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    cpu = sum(u.ru_utime + u.ru_stime for u in usage)
+    test = run_eval(EvalConfig(model=reft["best_checkpoint"], data=cfg.data, split="test", engine=cfg.reft.engine,
+                               max_new_tokens=cfg.reft.eval_max_new_tokens, gen_batch_size=cfg.reft.gen_batch_size,
+                               seed=cfg.seed, out_dir=str(out / "eval"), progress=False))
+    (out / "result.json").write_text(json.dumps({
+        "overrides": overrides, "validation": reft["best_accuracy"], "test": test["accuracy"],
+        "best_step": best_step(out / "reft" / "metrics.jsonl", reft["best_accuracy"]),
+        "reft_cpu_seconds": round(cpu, 1), "reft_wall_seconds": round(time.time() - start, 1)}, indent=1))
+
+
+def best_step(metrics: Path, best: float) -> int | None:
+    """The first step whose validation accuracy is the run's best (the one its best checkpoint holds)."""
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        if abs(record.get("eval/validation_accuracy", -1.0) - best) < 1e-12:
+            return record["step"]
+    return None
+
+
+def demo_reft(base: Path, summary: dict) -> dict:
+    """The `default` row from the demo run itself: its ReFT's best validation and test accuracy."""
+    history = [json.loads(line) for line in (base / "reft" / "metrics.jsonl").read_text().splitlines()]
+    best = max(r["eval/validation_accuracy"] for r in history if "eval/validation_accuracy" in r)
+    return {"overrides": [], "validation": best, "test": summary["reft"]["accuracy"],
+            "best_step": best_step(base / "reft" / "metrics.jsonl", best),
+            "reft_cpu_seconds": None, "reft_wall_seconds": None}
+
+
+def sft_validation(base: Path, summary: dict) -> float:
+    history = json.loads((base / "sft" / "result.json").read_text())["history"]
+    return next(h["validation_accuracy"] for h in history if h["epoch"] == summary["sft_best_epoch"])
+
+
+def variants_table(out: Path, seeds: list[int], variants: dict[str, list[str]], jobs: int) -> tuple[list[str], dict]:
+    bases = {seed: out / f"fp32-seed-{seed}" for seed in seeds}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {(name, seed): pool.submit(run_variant, bases[seed], out / "variants" / f"{name}-seed-{seed}",
+                                             seed, overrides)
+                   for name, overrides in variants.items() for seed in seeds}
+        rows = {key: f.result() for key, f in futures.items()}
+    summaries = {seed: json.loads((bases[seed] / "summary.json").read_text()) for seed in seeds}
+    for seed in seeds:
+        rows[("default", seed)] = demo_reft(bases[seed], summaries[seed])
+    lines = ["### ReFT variants from each seed's warm-up (fp32)", "",
+             "Validation / test accuracy (%) of the best-on-validation step; margins against the seed's SFT "
+             "(best epoch on validation); CPU s: ReFT's training process and its children.", "",
+             "| variant | overrides | seed | best step | validation | test | val - SFT | test - SFT | CPU s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    report = {}
+    for name in ["default", *variants]:
+        margins = []
+        for seed in seeds:
+            row, summary = rows[(name, seed)], summaries[seed]
+            val_gap = 100 * (row["validation"] - sft_validation(bases[seed], summary))
+            test_gap = 100 * (row["test"] - summary["sft"]["accuracy"])
+            margins.append((val_gap, test_gap, row["reft_cpu_seconds"]))
+            cpu = "-" if row["reft_cpu_seconds"] is None else f"{row['reft_cpu_seconds']:.0f}"
+            lines.append(f"| {name} | {' '.join(row['overrides']) or 'the demo'} | {seed} | {row['best_step']} | "
+                         f"{100 * row['validation']:.2f} | {100 * row['test']:.2f} | {val_gap:+.2f} | "
+                         f"{test_gap:+.2f} | {cpu} |")
+        val_mean, test_mean = (statistics.mean(m[i] for m in margins) for i in (0, 1))
+        cpus = [m[2] for m in margins if m[2] is not None]
+        lines.append(f"| **{name}** | mean | | | | | **{val_mean:+.2f}** | **{test_mean:+.2f}** "
+                     f"(worst {min(m[1] for m in margins):+.2f}) | {statistics.mean(cpus):.0f} |" if cpus else
+                     f"| **{name}** | mean | | | | | **{val_mean:+.2f}** | **{test_mean:+.2f}** "
+                     f"(worst {min(m[1] for m in margins):+.2f}) | - |")
+        report[name] = {"validation_margin": val_mean, "test_margin": test_mean,
+                        "per_seed": {seed: rows[(name, seed)] for seed in seeds}}
+    return lines + [""], report
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, _, overrides = text.partition(":")
+    if not name or not overrides or name == "default":
+        raise argparse.ArgumentTypeError(f"{text!r}: a variant is NAME:key=value[,key=value...] (NAME not 'default')")
+    return name, overrides.split(",")
+
+
 def sem(values: list[float]) -> float:
     return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
 
@@ -112,7 +235,14 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="demos run at once (each with 1 thread when > 1)")
     ap.add_argument("--no-baselines", action="store_true", help="warm-up, SFT and ReFT only (faster)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every demo run")
+    ap.add_argument("--variants", nargs="+", type=parse_variant, default=[], metavar="NAME:K=V,...",
+                    help="ReFT variants trained from each seed's fp32 warm-up (see above)")
+    if sys.argv[1:2] == ["--variant-child"]:
+        base, out, seed, *overrides = sys.argv[2:]
+        return variant_child(Path(base), Path(out), int(seed), overrides)
     args = ap.parse_args()
+    if args.variants and "fp32" not in args.paths:
+        ap.error("--variants starts from the fp32 demo runs: keep fp32 in --paths")
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -132,6 +262,9 @@ def main() -> None:
         path_lines, stats = table(path, [(seed, results[(path, seed)]) for seed in args.seeds])
         lines += path_lines
         report["paths"][path] = stats
+    if args.variants:
+        variant_lines, report["variants"] = variants_table(out, args.seeds, dict(args.variants), args.jobs)
+        lines += variant_lines
     text = "\n".join(lines)
     print("\n" + text)
     (out / "study.md").write_text(text + "\n")

@@ -169,11 +169,21 @@ def run_demo(cfg: DemoConfig, overwrite: bool = False, explicit: set[str] | None
                                   f"or pass --overwrite to replace it")
         if overwrite:
             folder.clear()
-        r = dataclasses.replace
-        cfg = r(cfg, data=r(cfg.data, seed=cfg.seed), tiny=r(cfg.tiny, seed=cfg.seed), sft=r(cfg.sft, seed=cfg.seed),
-                reft=r(cfg.reft, seed=cfg.seed), reward_model=r(cfg.reward_model, seed=cfg.seed))
+        cfg = seeded(cfg)
         folder.begin(cfg)
         return _run_stages(cfg, out, start)
+
+
+def seeded(cfg: DemoConfig) -> DemoConfig:
+    """`cfg` with its seed given to the task and every stage."""
+    r = dataclasses.replace
+    return r(cfg, data=r(cfg.data, seed=cfg.seed), tiny=r(cfg.tiny, seed=cfg.seed), sft=r(cfg.sft, seed=cfg.seed),
+             reft=r(cfg.reft, seed=cfg.seed), reward_model=r(cfg.reward_model, seed=cfg.seed))
+
+
+def reft_stage_config(cfg: DemoConfig, warmup_ckpt: str, out: Path) -> ReFTConfig:
+    """Step 3's config: the demo's ReFT settings from the warm-up checkpoint into `out/reft`."""
+    return dataclasses.replace(cfg.reft, model=warmup_ckpt, data=cfg.data, out_dir=str(out / "reft"))
 
 
 def _run_stages(cfg: DemoConfig, out: Path, start: float) -> dict:
@@ -200,7 +210,7 @@ def _run_stages(cfg: DemoConfig, out: Path, start: float) -> dict:
 
     # 3. ReFT from the warm-up checkpoint: here, or in a second process beside steps 4-5 (independent
     # of them: every stage is seeded on its own, so the results do not depend on the order).
-    reft_cfg = r(cfg.reft, model=warmup_ckpt, data=cfg.data, out_dir=str(out / "reft"))
+    reft_cfg = reft_stage_config(cfg, warmup_ckpt, out)
     parallel = cfg.parallel_stages and cfg.baselines
     t0 = time.time()
     if parallel:
