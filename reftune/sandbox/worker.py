@@ -8,9 +8,9 @@ harden, errors, oslayers, folders) are loaded as a private package ``_reftune_sa
 The zygote imports the allowed modules once and runs no program code. A program of at most
 _ZYGOTE_COMPILE_MAX characters is parsed, checked and compiled by the zygote (which runs none of
 it), while the pure program before it runs in the shared child if there is one; a longer one by the
-child that runs it. Either
-way the compile is charged to its own program: the time it took comes off that program's timeout,
-it never delays another's verdict by more than milliseconds, and its warnings go nowhere. A program
+child that runs it, where its timeout can cut a slow compile off. Either way the compile is charged
+to its own program: the time it took comes off that program's timeout, it never delays another's
+verdict by more than milliseconds, and its warnings go nowhere. A program
 that is not pure runs in a fresh fork that applies the per-program OS layers to itself, runs the
 program and writes one result frame to a pipe of its own. The zygote reads that pipe only, kills
 the child's process group, waits for it, empties the temp folder and reports to the parent. A child
@@ -67,10 +67,7 @@ _SHARED_TASKS = 500  # pure programs per shared child before a fresh one takes o
 _SHARED_GROWTH = 64 << 10  # KiB of peak RSS growth after which the shared child is replaced
 _SHARED_MAX_CODE = 32 << 10  # bigger compiled programs run in a fork of their own (pipe stays unblocked)
 _MAX_PROGRAM = 1 << 20  # characters
-# Programs up to this many characters are compiled by the zygote (milliseconds at worst: ~40 ms was
-# the slowest text found, nested lambdas), while the program before runs if it can, and the time it
-# took is taken from their own timeout; longer ones compile in the child that runs them, where their
-# timeout can cut a slow compile off. Either way a compile is charged to its own program only.
+# Compiled by the zygote up to this size (see the module doc): ~40 ms at worst (nested lambdas).
 _ZYGOTE_COMPILE_MAX = 4 << 10
 _TMP_POLL_S = 0.02  # without a private tmpfs: how often the temp folder's size is checked
 _TMP_MAX_BYTES = 8 << 20  # ... and its bounds then (a private tmpfs has the same ones, see oslayers)
