@@ -343,7 +343,9 @@ class BackgroundStage:
 
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_stage_main, args=(child_conn, fn, args, os.getpid()), daemon=True)
+        # Not a daemon: the stage may start processes of its own (ReFT's rollout process with
+        # max_staleness > 0). `stop()`, always called, ends it; `_exit_with_parent` if this one is killed.
+        self._proc = ctx.Process(target=_stage_main, args=(child_conn, fn, args, os.getpid()), daemon=False)
         self._proc.start()
         child_conn.close()
         self.pid = self._proc.pid
@@ -373,8 +375,7 @@ class BackgroundStage:
 
 
 def _stage_main(conn, fn, args, parent: int) -> None:
-    # `daemon` ends it when the demo exits normally; a demo killed by a signal must not leave it
-    # training for the rest of the hour.
+    # A demo killed by a signal must not leave it training for the rest of the hour.
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     try:
         conn.send((True, fn(*args)))

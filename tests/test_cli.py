@@ -143,11 +143,13 @@ def test_demo_quick(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_demo_as_a_command_ends_cleanly(tmp_path):
-    """The demo as a user runs it, in its own process with ReFT in a second one: exit 0 and nothing
-    on stderr but its own lines (a ReFT process terminated while it exits would leave a semaphore to
-    the resource tracker, which prints a 'leaked semaphore' warning)."""
+    """The demo as a user runs it, in its own process with ReFT in a second one, which samples one
+    step off in a third (max_staleness=1): exit 0 and nothing on stderr but its own lines (a ReFT
+    process terminated while it exits would leave a semaphore to the resource tracker, which prints
+    a 'leaked semaphore' warning)."""
     proc = subprocess.run([sys.executable, "-m", "reftune.cli", "demo", "--quick", "--out", str(tmp_path / "demo"),
-                           "threads=1", *QUIET], capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                           "threads=1", "reft.max_staleness=1", *QUIET], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Warning" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
