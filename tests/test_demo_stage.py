@@ -42,3 +42,18 @@ def test_a_killed_demo_takes_its_background_stage_with_it():
         demo.kill()
         if stage_pid is not None and _alive(stage_pid):  # a failed check must not leave it sleeping
             os.kill(stage_pid, signal.SIGKILL)
+
+
+def test_the_demos_reft_samples_one_step_off_on_a_cpu_only(monkeypatch, tmp_path, capsys):
+    """The demo's ReFT samples one step off (max_staleness=1) in a process on the CPU; where
+    `device=auto` finds a GPU it runs synchronously instead of being refused there."""
+    import torch
+
+    from reftune.demo import DemoConfig, reft_stage_config
+
+    cfg = DemoConfig()
+    assert reft_stage_config(cfg, "warmup", tmp_path).max_staleness == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    on_gpu = reft_stage_config(cfg, "warmup", tmp_path)
+    assert on_gpu.max_staleness == 0 and on_gpu.model == "warmup" and on_gpu.out_dir == str(tmp_path / "reft")
+    assert "max_staleness=0" in capsys.readouterr().out
