@@ -182,10 +182,9 @@ def variants_table(out: Path, seeds: list[int], variants: dict[str, list[str]], 
                          f"{test_gap:+.2f} | {cpu} |")
         val_mean, test_mean = (statistics.mean(m[i] for m in margins) for i in (0, 1))
         cpus = [m[2] for m in margins if m[2] is not None]
+        cpu_mean = f"{statistics.mean(cpus):.0f}" if cpus else "-"
         lines.append(f"| **{name}** | mean | | | | | **{val_mean:+.2f}** | **{test_mean:+.2f}** "
-                     f"(worst {min(m[1] for m in margins):+.2f}) | {statistics.mean(cpus):.0f} |" if cpus else
-                     f"| **{name}** | mean | | | | | **{val_mean:+.2f}** | **{test_mean:+.2f}** "
-                     f"(worst {min(m[1] for m in margins):+.2f}) | - |")
+                     f"(worst {min(m[1] for m in margins):+.2f}) | {cpu_mean} |")
         report[name] = {"validation_margin": val_mean, "test_margin": test_mean,
                         "per_seed": {seed: rows[(name, seed)] for seed in seeds}}
     return lines + [""], report
