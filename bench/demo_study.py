@@ -21,7 +21,10 @@ demo's ReFT settings and those overrides (`reft.*` keys), one thread each, and e
 checkpoint on validation on the test split as the demo does: the table gives, per variant and
 seed, the best validation accuracy, test accuracy, ReFT - SFT on both, and ReFT's CPU seconds
 (the process and its children: rollout process, sandbox). The demo run's own ReFT is the
-`default` row. Variants go to `OUT/variants/<name>-seed-N`, finished ones are read back.
+`default` row. Variants go to `OUT/variants/<name>-seed-N`, finished ones are read back. A second
+table (`--by-step`) gives each variant's mean validation margin had it stopped after N iterations:
+ReFT's lr is constant, so a shorter run is a prefix of the logged one, and the table shows what a
+smaller time budget would cost.
 
 Finished runs (a `summary.json` in their folder) are read back, not re-run: a study continues
 where it stopped; delete a half-finished run's folder to redo it. `--jobs 2` runs two demos at once
@@ -139,6 +142,36 @@ def best_step(metrics: Path, best: float) -> int | None:
     return None
 
 
+def best_by_step(metrics: Path, last: int) -> float | None:
+    """The best validation accuracy logged at or before step `last` (None: no evaluation yet). ReFT's
+    lr is constant, so a run of `last` steps is this run's prefix: this is what it would have reached."""
+    seen = [r["eval/validation_accuracy"] for r in map(json.loads, metrics.read_text().splitlines())
+            if "eval/validation_accuracy" in r and r["step"] <= last]
+    return max(seen) if seen else None
+
+
+def by_step_table(out: Path, seeds: list[int], names: list[str], steps: list[int]) -> tuple[list[str], dict]:
+    """Mean validation margin over SFT had each variant stopped after each of `steps` iterations."""
+    bases = {seed: out / f"fp32-seed-{seed}" for seed in seeds}
+    sft = {seed: sft_validation(bases[seed], json.loads((bases[seed] / "summary.json").read_text()))
+           for seed in seeds}
+    lines = ["### Validation margin over SFT by ReFT iteration", "",
+             "Mean over seeds of (best validation accuracy up to that iteration) - (SFT's), in points: what a "
+             "shorter run of the same settings would have chosen from (the lr is constant).", "",
+             "| variant | " + " | ".join(f"by {n}" for n in steps) + " |", "|---|" + "---|" * len(steps)]
+    report = {}
+    for name in ["default", *names]:
+        folder = {seed: bases[seed] if name == "default" else out / "variants" / f"{name}-seed-{seed}"
+                  for seed in seeds}
+        means = []
+        for n in steps:
+            best = [best_by_step(folder[seed] / "reft" / "metrics.jsonl", n) for seed in seeds]
+            means.append(None if None in best else statistics.mean(100 * (b - sft[s]) for b, s in zip(best, seeds)))
+        report[name] = dict(zip(steps, means))
+        lines.append(f"| {name} | " + " | ".join("-" if m is None else f"{m:+.2f}" for m in means) + " |")
+    return lines + [""], report
+
+
 def demo_reft(base: Path, summary: dict) -> dict:
     """The `default` row from the demo run itself: its ReFT's best validation and test accuracy."""
     history = [json.loads(line) for line in (base / "reft" / "metrics.jsonl").read_text().splitlines()]
@@ -236,6 +269,8 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every demo run")
     ap.add_argument("--variants", nargs="+", type=parse_variant, default=[], metavar="NAME:K=V,...",
                     help="ReFT variants trained from each seed's fp32 warm-up (see above)")
+    ap.add_argument("--by-step", type=int, nargs="*", default=[100, 200, 260, 300, 360, 450], metavar="N",
+                    help="with --variants: also the mean validation margin had each run stopped at iteration N")
     if sys.argv[1:2] == ["--variant-child"]:
         base, out, seed, *overrides = sys.argv[2:]
         return variant_child(Path(base), Path(out), int(seed), overrides)
@@ -264,6 +299,10 @@ def main() -> None:
     if args.variants:
         variant_lines, report["variants"] = variants_table(out, args.seeds, dict(args.variants), args.jobs)
         lines += variant_lines
+        if args.by_step:
+            step_lines, report["variants_by_step"] = by_step_table(out, args.seeds, [n for n, _ in args.variants],
+                                                                   args.by_step)
+            lines += step_lines
     text = "\n".join(lines)
     print("\n" + text)
     (out / "study.md").write_text(text + "\n")

@@ -32,9 +32,12 @@ def write_seed(out: Path, seed: int, sft_val: float, sft_test: float, reft_vals:
     (base / "reft" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"step": 1}, *records]))
 
 
-def write_variant(out: Path, name: str, seed: int, validation: float, test: float, cpu: float):
+def write_variant(out: Path, name: str, seed: int, validation: float, test: float, cpu: float,
+                  vals: list[float] = ()):
     folder = out / "variants" / f"{name}-seed-{seed}"
-    folder.mkdir(parents=True)
+    (folder / "reft").mkdir(parents=True)
+    records = [{"step": 20 * (i + 1), "eval/validation_accuracy": v} for i, v in enumerate(vals)]
+    (folder / "reft" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (folder / "result.json").write_text(json.dumps(
         {"overrides": ["reft.max_staleness=1"], "validation": validation, "test": test, "best_step": 40,
          "reft_cpu_seconds": cpu, "reft_wall_seconds": cpu / 2}))
@@ -66,3 +69,17 @@ def test_a_variant_needs_a_name_and_overrides(study):
     for bad in ("dapo", ":reft.clip_high=0.28", "default:reft.clip_high=0.28"):
         with pytest.raises(Exception, match="a variant is NAME"):
             study.parse_variant(bad)
+
+
+def test_margin_by_step_is_the_best_validation_up_to_that_step(tmp_path, study):
+    # SFT validation: seed 0 0.40, seed 1 0.30. Validation logged at steps 20, 40, 60.
+    write_seed(tmp_path, 0, 0.40, 0.50, [0.44, 0.45, 0.45], 0.55)
+    write_seed(tmp_path, 1, 0.30, 0.40, [0.35, 0.30, 0.36], 0.42)
+    write_variant(tmp_path, "dapo", 0, 0.50, 0.60, 300.0, vals=[0.38, 0.50, 0.41])
+    write_variant(tmp_path, "dapo", 1, 0.34, 0.39, 500.0, vals=[0.31, 0.29, 0.34])
+    lines, report = study.by_step_table(tmp_path, [0, 1], ["dapo"], [10, 30, 40, 60])
+    # by 10: nothing evaluated yet. by 30 (= step 20): default (+4 +5)/2 = +4.5, dapo (-2 +1)/2 = -0.5;
+    # by 40: default (+5 +5)/2 = +5, dapo (+10 +1)/2 = +5.5; by 60: default (+5 +6)/2 = +5.5, dapo (+10 +4)/2 = +7
+    assert report["default"] == pytest.approx({10: None, 30: 4.5, 40: 5.0, 60: 5.5})
+    assert report["dapo"] == pytest.approx({10: None, 30: -0.5, 40: 5.5, 60: 7.0})
+    assert "| dapo | - | -0.50 | +5.50 | +7.00 |" in lines

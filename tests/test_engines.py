@@ -266,10 +266,12 @@ def test_rollout_layout(name, early_eos, warmup_model, prompts):
     assert (rm[:, 1:] <= rm[:, :-1]).all(), "response mask must be 1...1 0...0"
     assert (r.response_ids[rm == 0] == pad).all()
     assert r.response_mask.shape[1] == int(rm.sum(-1).max())  # no all-padding columns
+    # A row ends at any of the engine's stop tokens: the tokenizer's EOS and the model config's own.
+    stops = set(getattr(getattr(engine, "limits", None), "stop_ids", None) or [eos])
     for row, toks in enumerate(tokens_per_row(r)):
-        assert (eos in toks) == bool(r.ended_with_eos[row])
-        if eos in toks:
-            assert toks.index(eos) == len(toks) - 1
+        assert bool(stops & set(toks)) == bool(r.ended_with_eos[row])
+        if stops & set(toks):
+            assert toks[-1] in stops and not stops & set(toks[:-1])
         else:
             assert len(toks) == 30
     if r.sampling_logprobs is not None:
@@ -284,12 +286,13 @@ def test_value_head_capability_is_declared_by_each_engine(untrained):
 
     model, tok = untrained
     head = ValueHead.for_model(model)
-    static = make_generator("static", model, tok)
-    assert static.supports_value_head
-    static.set_value_head(head)
-    assert static.value_head is head
-    static.set_value_head(None)  # a critic-free estimator: engine log-probs without values
-    assert static.value_head is None
+    for name in ("static", "graphed"):
+        static = make_generator(name, model, tok)
+        assert static.supports_value_head
+        static.set_value_head(head)
+        assert static.value_head is head
+        static.set_value_head(None)  # a critic-free estimator: engine log-probs without values
+        assert static.value_head is None
     for name in ("cached", "hf"):
         engine = make_generator(name, model, tok)
         assert not engine.supports_value_head
@@ -350,16 +353,17 @@ def test_one_registry_entry_adds_an_engine(monkeypatch):
     assert "dummy (a test engine)" in str(err.value) and "static" in str(err.value)
 
 
-@pytest.mark.parametrize("name", ["cached", "hf", "static"])
+@pytest.mark.parametrize("name", ["cached", "graphed", "hf", "static"])
 def test_each_registered_engine_builds_its_class_and_samples(name, early_eos, prompts):
     """A registry entry is all it takes: `make_generator(name)` builds the class the entry names
     (imported on its own here), passes the arguments through, and the engine samples with the
     model: its greedy tokens are the model's argmax at every step."""
     from reftune.engines.cached import CachedSampler
+    from reftune.engines.graphed import GraphedSampler
     from reftune.engines.hf import HFGenerator
 
     model, tok = early_eos
-    expected = {"cached": CachedSampler, "hf": HFGenerator, "static": StaticSampler}[name]
+    expected = {"cached": CachedSampler, "graphed": GraphedSampler, "hf": HFGenerator, "static": StaticSampler}[name]
     module, cls = ENGINES[name].target.split(":")
     assert getattr(importlib.import_module(module), cls) is expected
     engine = make_generator(name, model, tok, batch_size=2, seed=0)
@@ -387,3 +391,74 @@ def test_auto_engine_is_static_on_a_cpu(untrained):
     from reftune.trainers.sft import SFTConfig
 
     assert ReFTConfig().engine == SFTConfig().engine == "auto"
+
+
+# --------------------------------------------------------------------------- graphed
+
+def test_graphed_samples_what_static_samples_with_fixed_shapes(early_eos, prompts):
+    """`graphed` is static's sampler with fixed shapes (attention over the whole cache, no
+    compaction). With static's compaction off and sdpa kept while sampling, both draw the same
+    uniforms per step against the same distributions to float rounding: the same tokens, log-probs
+    and values. Greedy equals `generate` token for token (left-padded prompts of different
+    lengths: the prefill mask). On a CPU no graph is captured."""
+    from reftune.engines.graphed import GraphedSampler, graphs_possible
+    from reftune.trainers.policy import ValueHead
+
+    model, tok = early_eos
+    assert not graphs_possible(model)
+    head = ValueHead.for_model(model).eval()
+    torch.nn.init.normal_(head.linear.weight, std=0.1)  # zero-initialised: values would all be 0
+    graphed = GraphedSampler(model, tok, batch_size=8, seed=3)
+    static = StaticSampler(model, tok, batch_size=8, seed=3, compact_below=0.0, eager_sampling_attention=False)
+    for engine in (graphed, static):
+        engine.set_value_head(head)
+    for _ in range(2):  # the second call replays the kept shapes
+        g = graphed.generate(prompts, num_samples=2, max_new_tokens=40)
+        s = static.generate(prompts, num_samples=2, max_new_tokens=40)
+        assert tokens_per_row(g) == tokens_per_row(s) and g.texts == s.texts
+        assert torch.allclose(g.sampling_logprobs, s.sampling_logprobs, atol=1e-4)
+        assert torch.allclose(g.sampling_values, s.sampling_values, atol=1e-4)
+    assert 0 < int(g.ended_with_eos.sum()) < len(g.texts), "rows should end at different steps"
+    assert len(graphed._steps) <= 2 and all(not step.use_graph for step in graphed._steps.values())
+    hf = make_generator("hf", model, tok, batch_size=8).generate(prompts, greedy=True, max_new_tokens=60)
+    greedy = graphed.generate(prompts, greedy=True, max_new_tokens=60)
+    assert tokens_per_row(greedy) == tokens_per_row(hf)
+
+
+def test_graphed_decodes_without_graphs_where_capture_fails(early_eos, prompts):
+    """Asked for graphs where none can be captured (here: a CPU), the engine warns once per shape and
+    decodes the same step eagerly: the same samples as without asking."""
+    from reftune.engines.graphed import GraphedSampler
+
+    model, tok = early_eos
+    plain = GraphedSampler(model, tok, batch_size=8, seed=1).generate(prompts[:4], num_samples=2, max_new_tokens=12)
+    forced = GraphedSampler(model, tok, batch_size=8, seed=1, use_graphs=True)
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
+        got = forced.generate(prompts[:4], num_samples=2, max_new_tokens=12)
+    assert tokens_per_row(got) == tokens_per_row(plain)
+    assert torch.equal(got.sampling_logprobs, plain.sampling_logprobs)
+
+
+def test_graphed_keeps_two_shapes_and_recaptures_after_a_parameter_moves(untrained, prompts):
+    """Shapes are kept by (rows, capacity rounded up to 64, ...): nearby lengths share one, at most
+    two are kept; a parameter that became another tensor gets a fresh step (a graph would read the
+    old address)."""
+    from reftune.engines.graphed import GraphedSampler
+
+    model, tok = untrained
+    engine = GraphedSampler(model, tok, batch_size=4, seed=0)
+    longest = max(len(encode_prompt(tok, p)) for p in prompts[:4])
+    bucket = -(-(longest + 1) // 64) * 64
+    engine.generate(prompts[:4], greedy=True, max_new_tokens=1)
+    engine.generate(prompts[:4], greedy=True, max_new_tokens=bucket - longest)  # the same capacity
+    assert len(engine._steps) == 1
+    first = next(iter(engine._steps.values()))
+    engine.generate(prompts[:4], greedy=True, max_new_tokens=bucket - longest + 1)  # the next capacity
+    engine.generate(prompts[:2], greedy=True, max_new_tokens=5)  # fewer rows
+    assert len(engine._steps) == 2 and first not in engine._steps.values()
+    kept = set(map(id, engine._steps.values()))
+    with torch.no_grad():
+        weight = model.get_input_embeddings().weight
+        weight.data = weight.data.clone()  # same values, another address
+    engine.generate(prompts[:2], greedy=True, max_new_tokens=5)
+    assert id(list(engine._steps.values())[-1]) not in kept

@@ -229,11 +229,12 @@ def test_critic_warmup_trains_the_value_head_only_then_ppo(warmup_model, parity_
     assert any(not torch.equal(start[k], after[k]) for k in start)
 
 
-def test_old_logprobs_from_the_engine_train_like_a_recomputed_pass(warmup_model, parity_task, tmp_path):
-    """engine_old_logprobs: the static engine's log-probs and values of the sampled tokens replace
-    the no-grad pass over the rollout; they differ from it only by float rounding, so 3 steps train
+@pytest.mark.parametrize("engine", ["static", "graphed"])
+def test_old_logprobs_from_the_engine_train_like_a_recomputed_pass(engine, warmup_model, parity_task, tmp_path):
+    """engine_old_logprobs: the engine's log-probs and values of the sampled tokens replace the
+    no-grad pass over the rollout; they differ from it only by float rounding, so 3 steps train
     the same weights to float tolerance."""
-    common = dict(engine="static", score_none=0.5, value_dropout=0.0, ppo_epochs=2)
+    common = dict(engine=engine, score_none=0.5, value_dropout=0.0, ppo_epochs=2)
     a = run_reft(reft_config(warmup_model, tmp_path / "a", **common), task=parity_task)
     b = run_reft(reft_config(warmup_model, tmp_path / "b", engine_old_logprobs=True, **common), task=parity_task)
     assert "reft/engine_logprob_gap" in a["history"][0] and "reft/engine_logprob_gap" not in b["history"][0]

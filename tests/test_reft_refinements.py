@@ -226,7 +226,7 @@ def test_impossible_combinations_are_refused_with_the_reason(bad, message, parit
 @pytest.mark.parametrize("options", [
     dict(loss_aggregation="token_mean", clip_high=0.28, dual_clip=3.0),
     dict(loss_aggregation="seq_mean_token_sum_norm", importance_level="sequence", clip=0.01, clip_high=0.02),
-    dict(policy_loss="cispo", clip_low=5.0, clip_high=5.0, loss_aggregation="token_mean"),
+    dict(policy_loss="cispo", clip_low=5.0, clip_high=0.28, loss_aggregation="token_mean"),  # no lower bound
     dict(advantage="reinforce_pp", gamma=0.99),
     dict(advantage="dr_grpo", loss_aggregation="seq_mean_token_sum_norm"),
     dict(advantage="grpo", policy_loss="cispo", clip_high=0.28),

@@ -31,6 +31,8 @@ class EngineSpec:
 ENGINES: dict[str, EngineSpec] = {
     "auto": EngineSpec("", "the default: static on a CPU, cached on a GPU (vllm stays opt-in until measured there)"),
     "cached": EngineSpec("reftune.engines.cached:CachedSampler", "built-in KV-cache sampler on the live policy"),
+    "graphed": EngineSpec("reftune.engines.graphed:GraphedSampler",
+                          "static's sampler with fixed shapes, decode steps as CUDA graphs (GPU)"),
     "hf": EngineSpec("reftune.engines.hf:HFGenerator", "transformers model.generate on the live policy"),
     "static": EngineSpec("reftune.engines.static:StaticSampler", "preallocated-KV sampler, live policy (CPU)"),
     "vllm": EngineSpec("reftune.engines.vllm:VLLMGenerator", "vLLM in this process, weights synced in memory (reftune[vllm])"),
