@@ -1,5 +1,6 @@
 """No process and no temp folder outlives the sandbox: after a normal exit, after a SIGKILL of the
-trainer (here a subprocess that started an executor), and after a zygote is killed."""
+trainer (here a subprocess that started an executor), also while it closes its pool, and after a
+zygote is killed."""
 
 import json
 import os
@@ -70,6 +71,30 @@ def test_sigkill_of_the_trainer_leaves_nothing(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert wait_until(lambda: not any(map(alive, doomed))), [p for p in doomed if alive(p)]
+    assert wait_until(lambda: sandbox_dirs(tmp_path) == []), sandbox_dirs(tmp_path)
+
+
+DIES_WHILE_CLOSING = """
+import json, os, signal
+import reftune.sandbox.executor as executor
+ex = executor.ProgramExecutor(workers=1)
+ex.run([{good!r}])
+print(json.dumps(ex.worker_pids()), flush=True)
+# Killed after its zygote exited and before its own removal of the folder.
+executor.remove_folder = lambda path: os.kill(os.getpid(), signal.SIGKILL)
+ex.close()
+"""
+
+
+def test_a_trainer_killed_while_it_closes_leaves_nothing(tmp_path):
+    """The janitor removes the folder when the trainer dies between its zygote's exit and its own
+    removal (with the trainer alive at the janitor's first look: it then waits for either)."""
+    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", DIES_WHILE_CLOSING.format(good=GOOD)], stdout=subprocess.PIPE,
+                            env=env, cwd=str(ROOT), text=True)  # fmt: skip
+    zygotes = json.loads(proc.stdout.readline())
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert wait_until(lambda: not any(map(alive, zygotes)))
     assert wait_until(lambda: sandbox_dirs(tmp_path) == []), sandbox_dirs(tmp_path)
 
 

@@ -544,10 +544,12 @@ def _alive(pid):
 
 def start_janitor(tmpdir, folders):
     """A process outside the zygote's namespaces (forked before they are made) that removes the
-    temp folder once the zygote and its children are all gone, if the parent is gone too (a live
-    parent removes it itself, in `close()`: two removers would race). The zygote cannot when the
-    folder is its private tmpfs: a mount point there, and it has no right left to unmount it.
-    Returns the pipe end the zygote keeps open (its children close theirs)."""
+    temp folder once the zygote and its children are all gone and the parent is gone too. A live
+    parent removes it itself, in `close()` (two removers would race), so the janitor waits until
+    the folder is gone or the parent is: a parent killed between its zygote's exit and its own
+    removal leaves nothing behind. The zygote cannot remove it when the folder is its private
+    tmpfs: a mount point there, and it has no right left to unmount it. Returns the pipe end the
+    zygote keeps open (its children close theirs)."""
     parent = os.getppid()
     r, w = os.pipe()
     pid = os.fork()
@@ -562,6 +564,8 @@ def start_janitor(tmpdir, folders):
                 os.closerange(r + 1, 1 << 16)
                 while os.read(r, 1 << 10):  # EOF: every holder of the other end exited
                     pass
+                while _alive(parent) and os.path.lexists(tmpdir):  # (a live parent is removing it)
+                    time.sleep(0.05)
                 if not _alive(parent):
                     folders.remove_folder(tmpdir)
         finally:
