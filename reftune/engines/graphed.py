@@ -24,7 +24,7 @@ again. Elsewhere, a CPU included, the same fixed-shape step runs eagerly: correc
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
@@ -79,14 +79,14 @@ def graphs_possible(model) -> bool:
 class _FixedStep:
     """Everything of one shape: the cache, the step's input and output buffers, and its graph."""
 
-    model: torch.nn.Module
-    head: torch.nn.Module | None
+    model: torch.nn.Module = field(repr=False)
+    head: torch.nn.Module | None = field(repr=False)
     batch: int
     capacity: int
     device: torch.device
     use_graph: bool
-    graph: object = None
-    outputs: tuple = ()
+    graph: object = field(default=None, repr=False)
+    outputs: tuple = field(default=(), repr=False)
 
     def __post_init__(self):
         d, dtype = self.device, self.model.dtype

@@ -328,7 +328,7 @@ def validate_staleness(cfg, c) -> None:
         return
     if cfg.engine == "vllm":
         c.fail("engine", f"cannot sample ahead (max_staleness={cfg.max_staleness}): the rollout process runs a copy "
-                         f"of the policy on the CPU with an in-process engine (auto, static, cached, hf, or your own)")
+                         f"of the policy on the CPU with an in-process engine (auto, static, graphed, cached, hf, or your own)")
     if cfg.device not in ("auto", "cpu"):
         c.fail("device", f"with max_staleness={cfg.max_staleness}: rollouts ahead are sampled on the CPU beside a "
                          f"CPU trainer; on a GPU use max_staleness=0")
