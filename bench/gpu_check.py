@@ -64,6 +64,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -373,18 +374,28 @@ def run_row(ctx: Context, phase: str, engine: str, mode: str, share_end: float, 
         probe = torch.nn.Linear(1, 1, device=ctx.device)  # what `auto` resolves to depends on where the model lives
         row["resolved_engine"] = resolve_engine(engine, probe)
     reset_memory(ctx.device)
-    try:
-        numbers = sft_row(ctx, mode, out_dir) if phase == "sft" else \
-            reft_row(ctx, engine, mode, out_dir, share_end, hard_end)
-        row.update(numbers, peak_memory_gib=peak_memory_gib(ctx.device), status="ok")
-        if ctx.device.type == "cuda":
-            row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(ctx.device) / 2**30
-    except Exception as e:  # one broken engine or mode must not hide the others' numbers
-        traceback.print_exc()
-        row["status"] = f"error: {type(e).__name__}: {str(e)[:400]}"
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        reset_memory(ctx.device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        try:
+            numbers = sft_row(ctx, mode, out_dir) if phase == "sft" else \
+                reft_row(ctx, engine, mode, out_dir, share_end, hard_end)
+            row.update(numbers, peak_memory_gib=peak_memory_gib(ctx.device), status="ok")
+            if ctx.device.type == "cuda":
+                row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(ctx.device) / 2**30
+        except Exception as e:  # one broken engine or mode must not hide the others' numbers
+            traceback.print_exc()
+            row["status"] = f"error: {type(e).__name__}: {str(e)[:400]}"
+        finally:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            reset_memory(ctx.device)
+    # An engine that fell back (e.g. `graphed` without its CUDA graphs) says so in its row.
+    engine_warnings = sorted({str(w.message) for w in caught if str(w.message).startswith("engine=")})
+    for w in caught:
+        if str(w.message) not in engine_warnings:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if engine_warnings:
+        row["warnings"] = engine_warnings
+        row["note"] = "; ".join(filter(None, [row.get("note"), *(m[:200] for m in engine_warnings)]))
     return row
 
 
