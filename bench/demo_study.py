@@ -143,11 +143,12 @@ def best_step(metrics: Path, best: float) -> int | None:
 
 
 def best_by_step(metrics: Path, last: int) -> float | None:
-    """The best validation accuracy logged at or before step `last` (None: no evaluation yet). ReFT's
-    lr is constant, so a run of `last` steps is this run's prefix: this is what it would have reached."""
-    seen = [r["eval/validation_accuracy"] for r in map(json.loads, metrics.read_text().splitlines())
-            if "eval/validation_accuracy" in r and r["step"] <= last]
-    return max(seen) if seen else None
+    """The best validation accuracy logged at or before step `last` (None: no evaluation yet, or the
+    run stopped before `last`). ReFT's lr is constant, so a run of `last` steps is this run's
+    prefix: this is what it would have reached."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    seen = [r["eval/validation_accuracy"] for r in records if "eval/validation_accuracy" in r and r["step"] <= last]
+    return max(seen) if seen and max(r["step"] for r in records) >= last else None
 
 
 def by_step_table(out: Path, seeds: list[int], names: list[str], steps: list[int]) -> tuple[list[str], dict]:

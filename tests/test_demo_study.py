@@ -77,9 +77,9 @@ def test_margin_by_step_is_the_best_validation_up_to_that_step(tmp_path, study):
     write_seed(tmp_path, 1, 0.30, 0.40, [0.35, 0.30, 0.36], 0.42)
     write_variant(tmp_path, "dapo", 0, 0.50, 0.60, 300.0, vals=[0.38, 0.50, 0.41])
     write_variant(tmp_path, "dapo", 1, 0.34, 0.39, 500.0, vals=[0.31, 0.29, 0.34])
-    lines, report = study.by_step_table(tmp_path, [0, 1], ["dapo"], [10, 30, 40, 60])
-    # by 10: nothing evaluated yet. by 30 (= step 20): default (+4 +5)/2 = +4.5, dapo (-2 +1)/2 = -0.5;
+    lines, report = study.by_step_table(tmp_path, [0, 1], ["dapo"], [10, 30, 40, 60, 80])
+    # by 10: nothing evaluated yet; by 80: the runs stopped at 60. by 30 (= step 20): default (+4 +5)/2 = +4.5, dapo (-2 +1)/2 = -0.5;
     # by 40: default (+5 +5)/2 = +5, dapo (+10 +1)/2 = +5.5; by 60: default (+5 +6)/2 = +5.5, dapo (+10 +4)/2 = +7
-    assert report["default"] == pytest.approx({10: None, 30: 4.5, 40: 5.0, 60: 5.5})
-    assert report["dapo"] == pytest.approx({10: None, 30: -0.5, 40: 5.5, 60: 7.0})
-    assert "| dapo | - | -0.50 | +5.50 | +7.00 |" in lines
+    assert report["default"] == pytest.approx({10: None, 30: 4.5, 40: 5.0, 60: 5.5, 80: None})
+    assert report["dapo"] == pytest.approx({10: None, 30: -0.5, 40: 5.5, 60: 7.0, 80: None})
+    assert "| dapo | - | -0.50 | +5.50 | +7.00 | - |" in lines
