@@ -543,13 +543,10 @@ def _alive(pid):
 
 
 def start_janitor(tmpdir, folders):
-    """A process outside the zygote's namespaces (forked before they are made) that removes the
-    temp folder once the zygote and its children are all gone and the parent is gone too. A live
-    parent removes it itself, in `close()` (two removers would race), so the janitor waits until
-    the folder is gone or the parent is: a parent killed between its zygote's exit and its own
-    removal leaves nothing behind. The zygote cannot remove it when the folder is its private
-    tmpfs: a mount point there, and it has no right left to unmount it. Returns the pipe end the
-    zygote keeps open (its children close theirs)."""
+    """A process outside the zygote's namespaces (forked before they are made: the zygote cannot
+    unmount its private tmpfs) that removes the temp folder if it outlives the zygote, its children
+    and the parent (a live parent removes it itself, in `close()`). Returns the pipe end the zygote
+    keeps open (its children close theirs)."""
     parent = os.getppid()
     r, w = os.pipe()
     pid = os.fork()
