@@ -282,6 +282,25 @@ def test_one_step_off_resume_is_exact(straight_run, warmup_model, parity_task, t
     assert_same_run(a_dir, a, b_dir, b)
 
 
+@pytest.mark.parametrize("engine", ["static", "hf"])
+def test_one_step_off_with_dynamic_sampling_refills_now_and_resumes_exactly(engine, warmup_model, parity_task,
+                                                                            tmp_path):
+    """Dynamic sampling one step off: the step's first rollout was sampled ahead, its refills are
+    sampled by the trainer with the policy being updated (hf reports no sampling log-probs: the
+    trainer's pass gives them). 4 steps straight against 2 and resumed to 4: the same run."""
+    dynamic = dict(steps=4, save_every=2, eval_every=2, samples_per_prompt=2, questions_per_step=4,
+                   dynamic_sampling=True, dynamic_sampling_max_rounds=2, engine=engine, engine_old_logprobs=False)
+    a = run_reft(reft_config(warmup_model, tmp_path / "A", **dynamic), task=parity_task)
+    history = a["history"]
+    assert [h["reft/policy_lag"] for h in history] == [0.0, 1.0, 1.0, 1.0]
+    assert any(h["reft/refill_rounds"] > 0 for h in history[1:])  # parity of 2 samples often agrees
+    for h in history[1:]:  # a refilled row's weight is 1 (behaviour = proximal): the mean stays near 1
+        assert 0.5 < h["reft/staleness_weight"] < 1.5
+    run_reft(reft_config(warmup_model, tmp_path / "B", **{**dynamic, "steps": 2}), task=parity_task)
+    b = run_reft(reft_config(warmup_model, tmp_path / "B", **dynamic), resume=True, task=parity_task)
+    assert_same_run(tmp_path / "A", a, tmp_path / "B", b)
+
+
 def test_interrupted_one_step_off_run_stops_its_process_and_resumes_exactly(straight_run, warmup_model,
                                                                             parity_task, tmp_path):
     """Ctrl-C during step 4 (after the step-2 checkpoint): the rollout process is gone when the
@@ -354,7 +373,6 @@ def test_lora_one_step_off_trains_the_adapter(warmup_model, parity_task, tmp_pat
     (dict(max_staleness=1, engine="vllm"), "engine='vllm': cannot sample ahead"),
     (dict(max_staleness=1, device="cuda"), "device='cuda'"),
     (dict(max_staleness=1, lora_r=4, lora_quantize="nf4"), "lora_quantize"),
-    (dict(max_staleness=1, samples_per_prompt=2, dynamic_sampling=True), "dynamic_sampling"),
     (dict(max_staleness=1, staleness_weight_cap=0.5), "staleness_weight_cap"),
     (dict(rollout_threads=-1), "rollout_threads"),
 ])

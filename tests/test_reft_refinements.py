@@ -17,7 +17,7 @@ from reftune.engines.base import Rollout
 from reftune.tasks import Graded, Task
 from reftune.trainers.batch_layout import BatchLayout
 from reftune.trainers.reft import make_batch, run_reft
-from reftune.trainers.rollout import ScoredRollout, concat_scored, take_rows
+from reftune.trainers.rollout import ScoredRollout, concat_scored, step_metrics, take_rows
 from reftune.trainers.rollout_source import DynamicSampling, StepRollout, SyncRollouts, refill_questions
 from reftune.types import Example
 
@@ -106,15 +106,22 @@ def test_take_rows_and_concat_scored():
     assert take_rows(a, []).scores.shape == (0,)
 
 
+def test_step_metrics_count_the_responses_cut_at_the_limit():
+    # 4 rows, rows 1 and 3 ended without a stop token: half were cut at max_new_tokens
+    m = step_metrics("reft", fake_scored([1.0, 0.0, 0.1, 0.0], 2, lengths=[3, 1, 2, 2], ended=[True, False, True, False]),
+                     {})
+    assert m["reft/truncated"] == 0.5 and m["reft/response_length"] == 2.0 and m["reft/accuracy"] == 0.25
+
+
 class ScriptedSource:
     """A rollout source replaying fixed scores, one list per call, recording the questions asked."""
 
-    def __init__(self, rounds: list[list[float]], group: int):
-        self.rounds, self.group, self.asked = list(rounds), group, []
+    def __init__(self, rounds: list[list[float]], group: int, name: str = "s"):
+        self.rounds, self.group, self.asked, self.name = list(rounds), group, [], name
 
     def next(self, step, questions):
         self.asked.append([q.id for q in questions])
-        scored = fake_scored(self.rounds.pop(0), self.group, name=f"s{len(self.asked)}-")
+        scored = fake_scored(self.rounds.pop(0), self.group, name=f"{self.name}{len(self.asked)}-")
         return StepRollout(scored, scored, step)
 
     def close(self):
@@ -154,6 +161,24 @@ def test_dynamic_sampling_stops_after_max_rounds_and_trims_to_the_target():
                          agree=lambda n: n - 1)
     got = ds.next(0, questions(4))
     assert got.scored.scores.shape == (6,) and got.stats["trained_fraction"] == 0.75
+
+
+def test_dynamic_sampling_refills_from_its_own_source_beside_one_sampling_ahead():
+    # The first part comes from a source sampling ahead (policy step 6 of step 7, its own stats);
+    # the refill from the synchronous one. Round 0: (1,1) (0,1) -> 1 mixed of 2 wanted; refill:
+    # (0,0) (1,0) -> 1 mixed. Trained: s1-1 and r1-1; the step's policy is the older one (6).
+    class Ahead(ScriptedSource):
+        def next(self, step, questions):
+            got = super().next(step, questions)
+            return StepRollout(got.scored, got.sampled, step - 1, {"policy_lag": 1.0})
+
+    ahead, now = Ahead([[1, 1, 0, 1]], 2), ScriptedSource([[0, 0, 1, 0]], 2, name="r")
+    ds = DynamicSampling(ahead, lambda s, r: questions(2, "x"), 2, max_rounds=2, pad_id=0, refills=now)
+    got = ds.next(7, questions(2))
+    assert ahead.asked == [["q0", "q1"]] and now.asked == [["x0", "x1"]]
+    assert got.scored.scores.tolist() == [0.0, 1.0, 1.0, 0.0] and got.policy_step == 6
+    assert [e.id for e in got.scored.examples] == ["s1-1", "s1-1", "r1-1", "r1-1"]
+    assert got.stats == {"policy_lag": 1.0, "refill_rounds": 1.0, "dropped_fraction": 0.5, "trained_fraction": 1.0}
 
 
 def test_dynamic_sampling_with_nothing_mixed_returns_an_empty_batch():

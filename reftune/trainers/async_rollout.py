@@ -335,9 +335,6 @@ def validate_staleness(cfg, c) -> None:
     if cfg.lora_quantize != "no":
         c.fail("lora_quantize", f"with max_staleness={cfg.max_staleness}: the rollout process holds an unquantized "
                                 f"copy, and QLoRA's reference is the quantized base; use lora_quantize=no")
-    if cfg.dynamic_sampling:
-        c.fail("dynamic_sampling", f"with max_staleness={cfg.max_staleness}: its refills depend on the rewards of the "
-                                   f"step's own rollout, so they cannot be sampled ahead")
 
 
 def start_rollouts(cfg, run, rewards) -> AsyncRolloutSource:
@@ -501,10 +498,7 @@ class RolloutWorker:
                 "seconds": {"generate": t1 - t0, "reference": time.time() - t1, "cpu": time.process_time() - cpu0}}
 
     def _logprobs(self, model, ro: Rollout) -> Tensor:
-        from reftune.trainers.policy import policy_forward
+        from reftune.trainers.policy import sampled_logprobs
 
         s = self.spec
-        group = s.samples_per_prompt if s.samples_per_prompt > 1 and not s.logprob_chunk_size else 1
-        logprobs, _, _ = policy_forward(model, None, ro.input_ids, ro.attention_mask, ro.response_ids,
-                                        ro.prompt_ids.shape[1], s.temperature, s.logprob_chunk_size, group_size=group)
-        return logprobs.masked_fill(ro.response_mask == 0, 0.0)
+        return sampled_logprobs(model, ro, s.temperature, s.logprob_chunk_size, s.samples_per_prompt)

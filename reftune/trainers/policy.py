@@ -105,6 +105,21 @@ def policy_forward(model, value_head, input_ids, attention_mask, response_ids, r
     return A.logprobs_from_logits(logits, response_ids), values, entropy
 
 
+
+@torch.no_grad()
+def sampled_logprobs(model, rollout, temperature: float, chunk_size: int = 0, samples_per_prompt: int = 1):
+    """(B, R) log-probs of a rollout's sampled tokens under `model` (the policy that sampled them:
+    the behaviour log-probs an engine did not report), 0 at padding; `model` in eval mode."""
+    group = samples_per_prompt if samples_per_prompt > 1 and not chunk_size else 1
+    training = model.training
+    model.eval()
+    try:
+        logprobs, _, _ = policy_forward(model, None, rollout.input_ids, rollout.attention_mask, rollout.response_ids,
+                                        rollout.prompt_ids.shape[1], temperature, chunk_size, group_size=group)
+    finally:
+        model.train(training)
+    return logprobs.masked_fill(rollout.response_mask == 0, 0.0)
+
 def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Logits (..., V) in the precision log-probs are taken in, divided by the sampling temperature."""
     if torch.is_autocast_enabled(logits.device.type):

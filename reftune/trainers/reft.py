@@ -32,7 +32,7 @@ from reftune.trainers.batch_layout import BatchLayout, shuffled_groups  # noqa: 
 from reftune.trainers.distributed import gradient_sync, scalar
 from reftune.trainers.lora import reference_mode
 from reftune.trainers.loop import Callbacks, OnlineConfig, OnlineRun
-from reftune.trainers.policy import ValueHead, frozen_forward, policy_forward
+from reftune.trainers.policy import ValueHead, frozen_forward, policy_forward, sampled_logprobs
 from reftune.trainers.rollout import ScoredRollout, build_rewards, sample_and_score, step_metrics
 from reftune.trainers.rollout_source import DynamicSampling, RolloutSource, StepRollout, SyncRollouts, refill_questions
 
@@ -323,17 +323,21 @@ def build_learner(cfg: ReFTConfig, run: OnlineRun) -> Learner:
 
 def rollout_source(cfg: ReFTConfig, run: OnlineRun) -> RolloutSource:
     """Synchronous sampling of each step's questions, scored by the run's rewards (correctness,
-    reward functions, a reward model), with dynamic sampling around it when asked; or, with
-    max_staleness, sampled ahead in a second process (async_rollout)."""
+    reward functions, a reward model); or, with max_staleness, sampled ahead in a second process
+    (async_rollout). Dynamic sampling around either, its refills sampled here by the current policy."""
     rewards = build_rewards(cfg, run.device, next(run.model.parameters()).dtype)
-    if cfg.max_staleness:
-        return start_rollouts(cfg, run, rewards)
 
     def sample(questions) -> ScoredRollout:
-        return sample_and_score(run.generator, run.task, questions, cfg.samples_per_prompt, cfg.temperature,
-                                cfg.top_p, cfg.max_new_tokens, rewards)
+        scored = sample_and_score(run.generator, run.task, questions, cfg.samples_per_prompt, cfg.temperature,
+                                  cfg.top_p, cfg.max_new_tokens, rewards)
+        ro = scored.rollout
+        if cfg.max_staleness and ro.sampling_logprobs is None:  # beside stale rows: each row's behaviour log-probs
+            ro.sampling_logprobs = sampled_logprobs(run.rollout_model, ro, cfg.temperature, cfg.logprob_chunk_size,
+                                                    cfg.samples_per_prompt)
+        return scored
 
-    source: RolloutSource = SyncRollouts(sample)
+    now = SyncRollouts(sample)
+    source: RolloutSource = start_rollouts(cfg, run, rewards) if cfg.max_staleness else now
     if cfg.dynamic_sampling:
         def refill(step: int, round_: int) -> list:
             picked = refill_questions(run.task.train, step, round_, cfg.questions_per_step, cfg.seed,
@@ -341,7 +345,7 @@ def rollout_source(cfg: ReFTConfig, run: OnlineRun) -> RolloutSource:
             return run.dist.slice(picked, "questions_per_step")
 
         source = DynamicSampling(source, refill, cfg.samples_per_prompt, cfg.dynamic_sampling_max_rounds,
-                                 run.tokenizer.pad_token_id, agree=lambda n: min(run.dist.gather(n)))
+                                 run.tokenizer.pad_token_id, agree=lambda n: min(run.dist.gather(n)), refills=now)
     return source
 
 

@@ -168,14 +168,15 @@ def _row_weighted_means(parts: list[ScoredRollout]) -> dict[str, float]:
 
 def step_metrics(prefix: str, scored: ScoredRollout, stats: dict[str, list[float]], **values: float) -> dict:
     """An online trainer's metrics of one step, each key under `prefix/`: of its samples (mean score,
-    accuracy, answered fraction, mean response length), the trainer's own `values`, and the mean of
-    each of its update `stats` over the step's updates."""
+    accuracy, answered fraction, mean response length, fraction cut at max_new_tokens without a stop
+    token), the trainer's own `values`, and the mean of each of its update `stats` over the step's updates."""
     n_rows = max(len(scored.graded), 1)
     return {
         f"{prefix}/score": float(scored.scores.mean()),
         f"{prefix}/accuracy": sum(g.correct for g in scored.graded) / n_rows,
         f"{prefix}/answered": sum(g.answer is not None for g in scored.graded) / n_rows,
         f"{prefix}/response_length": float(scored.rollout.response_mask.sum(-1).float().mean()),
+        f"{prefix}/truncated": float((~scored.rollout.ended_with_eos.bool()).sum()) / n_rows,
         **{f"{prefix}/{k}": v for k, v in values.items()},
         **{f"{prefix}/{k}": sum(v) / len(v) for k, v in stats.items()},
         **{f"{prefix}/reward/{k}": v for k, v in scored.reward_means.items()},

@@ -7,7 +7,9 @@ updated. A source that samples ahead (one step off, on another process or engine
 whose `policy_step` is below `step`, with the sampling policy's log-probs in the rollout's
 `sampling_logprobs`; the trainer then takes PPO's old log-probs from its own pass over the batch.
 `DynamicSampling` wraps any source and keeps only question groups whose samples got different
-rewards, asking the source for further questions (a fixed, seeded stream per step) to refill.
+rewards, refilling from further questions (a fixed, seeded stream per step); the refills are
+sampled now, by the policy about to be updated (a source sampling ahead cannot know, when it
+samples, which of its groups will come out uniform).
 """
 
 from __future__ import annotations
@@ -78,20 +80,23 @@ class DynamicSampling:
     """DAPO's dynamic sampling around a source: keep the groups whose scores differ (a group whose
     samples all got the same reward has zero group-relative advantage), refill from further
     questions for at most `max_rounds` rounds, then train on the first `target` kept groups, or on
-    fewer when the rounds run out. `agree` makes processes train on the same number of groups
-    (the smallest; identity with one process), so they run the same number of optimizer steps."""
+    fewer when the rounds run out. The refill questions (`refill(step, round)`) are sampled by
+    `refills`, the source itself unless given (one that samples ahead gets a synchronous one).
+    `agree` makes processes train on the same number of groups (the smallest; identity with one
+    process), so they run the same number of optimizer steps."""
 
     def __init__(self, source: RolloutSource, refill: Callable[[int, int], list[Example]], group: int,
-                 max_rounds: int, pad_id: int, agree: Callable[[int], int] = lambda n: n):
+                 max_rounds: int, pad_id: int, agree: Callable[[int], int] = lambda n: n,
+                 refills: RolloutSource | None = None):
         self.source, self.refill, self.group, self.max_rounds = source, refill, group, max_rounds
-        self.pad_id, self.agree = pad_id, agree
+        self.pad_id, self.agree, self.refills = pad_id, agree, refills or source
 
     def next(self, step: int, questions: list[Example]) -> StepRollout:
         target = len(questions)
         got = [self.source.next(step, questions)]
         kept = [self._mixed_rows(got[0].scored)]
         while sum(len(k) for k in kept) < target * self.group and len(got) <= self.max_rounds:
-            got.append(self.source.next(step, self.refill(step, len(got))))
+            got.append(self.refills.next(step, self.refill(step, len(got))))
             kept.append(self._mixed_rows(got[-1].scored))
         n_sampled = sum(len(g.scored.graded) for g in got) // self.group
         n_mixed = sum(len(k) for k in kept) // self.group
@@ -103,7 +108,7 @@ class DynamicSampling:
                 left -= len(parts[-1].graded)
         sampled = concat_scored([g.sampled for g in got], self.pad_id)
         scored = concat_scored(parts, self.pad_id) if parts else take_rows(got[0].scored, [])
-        stats = {"refill_rounds": float(len(got) - 1), "dropped_fraction": 1 - n_mixed / n_sampled,
+        stats = {**got[0].stats, "refill_rounds": float(len(got) - 1), "dropped_fraction": 1 - n_mixed / n_sampled,
                  "trained_fraction": n_train / max(target, 1)}
         return StepRollout(scored, sampled, min(g.policy_step for g in got), stats)
 
@@ -114,3 +119,5 @@ class DynamicSampling:
 
     def close(self) -> None:
         self.source.close()
+        if self.refills is not self.source:
+            self.refills.close()
