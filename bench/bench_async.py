@@ -4,7 +4,8 @@
         [--settings sync:2 async:1+1] [--max-load 1.0]
 
 Each measurement is a fresh process running `run_reft` with the demo's ReFT config (`_demo_reft()`:
-32 questions x 4 samples = 128 rows a step, engine static, fp32), `steps=--steps`, no evaluation,
+32 questions x 4 samples = 128 rows a step, engine static, fp32; without dynamic sampling, whose
+refills would make the rows per step vary), `steps=--steps`, no evaluation,
 no checkpoint before the end, from the warm-up checkpoint. A setting is `sync:T` (max_staleness=0,
 T threads) or `async:G+T` (max_staleness=1, G threads for the rollout process, T for the trainer).
 On 2 cores each uses both: `sync:2` and `async:1+1`. Settings are interleaved within each repeat,
@@ -52,7 +53,7 @@ from reftune.trainers.reft import run_reft
 cpu = []  # this process's CPU seconds at each step's end
 cfg = dataclasses.replace(_demo_reft(), model=warmup, data=_demo_data(), out_dir=out, steps=int(steps), eval_every=0,
                           save_every=10**6, progress=False, tensorboard=False, max_staleness=int(staleness),
-                          rollout_threads=int(rollout_threads))
+                          rollout_threads=int(rollout_threads), dynamic_sampling=False)  # the overlap alone
 run_reft(cfg, task=load_task(cfg.data), callbacks=Callbacks(on_step_end=lambda done, m: cpu.append(time.process_time())))
 rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 for row, a, b in zip(rows[1:], cpu, cpu[1:]):

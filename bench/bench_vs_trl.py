@@ -165,7 +165,8 @@ def reftune_worker(args, gate: Gate) -> None:
             questions_per_step=args.questions, samples_per_prompt=args.samples, mini_batch_size=args.mini_batch,
             max_new_tokens=args.max_new_tokens, kl_coef=args.beta, lr=args.lr, engine=args.engine,
             gen_batch_size=args.gen_batch_size or _demo_reft().gen_batch_size, eval_every=0, save_every=0,
-            mixed_precision="no", dtype="float32", device="cpu", seed=args.seed, progress=False, tensorboard=False)
+            mixed_precision="no", dtype="float32", device="cpu", seed=args.seed, progress=False, tensorboard=False,
+            dynamic_sampling=False)  # TRL's PPO trains on every sampled group
         try:
             reft_module.run_reft(cfg, task=task, callbacks=Callbacks(on_step_begin=lambda step: gate.wait(),
                                                                      on_step_end=end))
