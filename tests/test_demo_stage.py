@@ -46,7 +46,8 @@ def test_a_killed_demo_takes_its_background_stage_with_it():
 
 def test_the_demos_reft_samples_one_step_off_on_a_cpu_only(monkeypatch, tmp_path, capsys):
     """The demo's ReFT samples one step off (max_staleness=1) in a process on the CPU; where
-    `device=auto` finds a GPU it runs synchronously instead of being refused there."""
+    `device=auto` finds a GPU it runs synchronously instead of being refused there. Dynamic
+    sampling stays on either way."""
     import torch
 
     from reftune.demo import DemoConfig, reft_stage_config
@@ -56,4 +57,5 @@ def test_the_demos_reft_samples_one_step_off_on_a_cpu_only(monkeypatch, tmp_path
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     on_gpu = reft_stage_config(cfg, "warmup", tmp_path)
     assert on_gpu.max_staleness == 0 and on_gpu.model == "warmup" and on_gpu.out_dir == str(tmp_path / "reft")
+    assert cfg.reft.dynamic_sampling and on_gpu.dynamic_sampling
     assert "max_staleness=0" in capsys.readouterr().out

@@ -105,7 +105,6 @@ def policy_forward(model, value_head, input_ids, attention_mask, response_ids, r
     return A.logprobs_from_logits(logits, response_ids), values, entropy
 
 
-
 @torch.no_grad()
 def sampled_logprobs(model, rollout, temperature: float, chunk_size: int = 0, samples_per_prompt: int = 1):
     """(B, R) log-probs of a rollout's sampled tokens under `model` (the policy that sampled them:
@@ -119,6 +118,7 @@ def sampled_logprobs(model, rollout, temperature: float, chunk_size: int = 0, sa
     finally:
         model.train(training)
     return logprobs.masked_fill(rollout.response_mask == 0, 0.0)
+
 
 def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Logits (..., V) in the precision log-probs are taken in, divided by the sampling temperature."""
