@@ -54,9 +54,9 @@ def _demo_reft() -> ReFTConfig:
     # fp32 is also the same numeric path on every CPU). Rollouts one step off (max_staleness=1; the
     # paper's loop is synchronous): sampled in a second process during the update, 1.8x the steps per
     # second on 2 cores, and on validation at least as good over seeds 0-2. Dynamic sampling (DAPO's;
-    # not the paper's): about 40% of the questions get 4 equal rewards and teach nothing, and
-    # training only on mixed groups doubled the margin over SFT on seeds 0-2, for about twice the
-    # time per iteration. Measurements and the study behind these choices: docs/demo-results.md.
+    # not the paper's): about half the questions get 4 equal rewards, which contrast nothing, and
+    # training only on mixed groups doubled the margin over SFT on seeds 0-2, for more than twice
+    # the time per iteration (the refills). Measurements and the study behind these choices: docs/demo-results.md.
     return ReFTConfig(steps=450, questions_per_step=32, samples_per_prompt=4, mini_batch_size=32, ppo_epochs=1,
                       lr=2e-4, lam=1.0, vf_coef=1.0, max_new_tokens=64, eval_max_new_tokens=64, eval_every=20,
                       save_every=50, engine="static", engine_old_logprobs=True, max_staleness=1,
